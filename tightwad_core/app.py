@@ -1,0 +1,85 @@
+"""The QuartTrio application: routes, auth, limits and error bodies."""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from .api_common import ServerState
+from .errors import PayloadTooLarge, TightwadError
+
+_enc = msgspec.json.Encoder()
+OPEN_PATHS = frozenset({"/health"})
+
+
+def _json(obj: object, status: int = 200) -> Response:
+    return Response(_enc.encode(obj), status=status, content_type="application/json")
+
+
+def _is_ollama() -> bool:
+    return request.path.startswith("/api/")
+
+
+def error_response(exc: TightwadError) -> Response:
+    if _is_ollama():
+        return _json({"error": exc.message}, exc.status)
+    return _json(exc.body(), exc.status)
+
+
+def create_app(st: ServerState) -> QuartTrio:
+    from . import api_ollama, api_openai
+
+    app = QuartTrio("tightwad")
+    app.config["TIGHTWAD_STATE"] = st
+    app.config["MAX_CONTENT_LENGTH"] = st.profile.max_body_bytes
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["BODY_TIMEOUT"] = 60
+    app.logger.setLevel(logging.INFO)
+    app.register_blueprint(api_openai.bp)
+    app.register_blueprint(api_ollama.bp)
+
+    @app.before_request
+    async def _auth() -> None:
+        if request.path not in OPEN_PATHS:
+            st.check_auth(request.headers.get("authorization"))
+        length = request.content_length
+        if length is not None and length > st.profile.max_body_bytes:
+            raise PayloadTooLarge(f"request body of {length} bytes is over the limit of "
+                                  f"{st.profile.max_body_bytes}")
+
+    @app.errorhandler(TightwadError)
+    async def _ours(exc: TightwadError) -> Response:
+        return error_response(exc)
+
+    @app.errorhandler(HTTPException)
+    async def _http(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        if status == 413:
+            return error_response(PayloadTooLarge(
+                f"request body is over the limit of {st.profile.max_body_bytes} bytes"))
+        err = TightwadError(exc.description or exc.name)
+        err.status = status
+        err.type = "not_found_error" if status == 404 else "invalid_request_error"
+        return error_response(err)
+
+    @app.get("/health")
+    async def health() -> Response:
+        checks = {}
+        with trio.move_on_after(5):
+            for role, backend in st.backends.items():
+                h = await backend.health()
+                checks[role] = {"ok": h.ok, "detail": h.detail, "backend": backend.kind}
+        ok = bool(checks) and all(c["ok"] for c in checks.values())
+        return _json({"status": "ok" if ok else "degraded", "profile": st.profile_name,
+                      "mode": st.mode.name, "backends": checks}, 200 if ok else 503)
+
+    @app.get("/")
+    async def root() -> Response:
+        return Response("Tightwad is running", content_type="text/plain")
+
+    return app

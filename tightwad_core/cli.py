@@ -1,0 +1,203 @@
+"""The `tightwad` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .profiles import ConfigError, find_config, load_file, load_profile, to_toml
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        datefmt="[%X]", handlers=[RichHandler(rich_tracebacks=False, show_path=False)])
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+config_option = click.option(
+    "--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="Config file (default: $TIGHTWAD_CONFIG, ./tightwad.toml, ~/.config/tightwad/tightwad.toml).")
+profile_option = click.option("--profile", "-p", default=None,
+                              help="Profile to use (default: the file's default_profile).")
+
+
+class _Main(click.Group):
+    """Adds the commands plugins register, once, when the CLI is built."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self._plugins_loaded = False
+
+    def _load(self) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        try:
+            from .plugins import load_registry
+
+            for name, cmd in load_registry().entries.get("commands", {}).items():
+                if name not in self.commands:
+                    self.add_command(cmd, name)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the CLI
+            click.echo(f"warning: plugin commands not loaded: {exc}", err=True)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        self._load()
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tightwad")
+def main() -> None:
+    """Tightwad: one OpenAI- and Ollama-compatible URL in front of your model
+    servers, with speculative decoding and pooled machines.
+
+    Start with `tightwad setup` (engines and models), then `tightwad run
+    --profile demo` and point any OpenAI SDK at http://127.0.0.1:8088/v1.
+    """
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _run(config: Path | None, profile: str | None, listen: str | None, verbose: bool) -> None:
+    import trio
+
+    from .procs import StartupError
+    from .server import run_until_signal
+
+    _setup_logging(verbose)
+    path = find_config(config)
+    try:
+        name, prof = _load_for_run(path, profile)
+        log = logging.getLogger("tightwad")
+
+        def ready(running: Any) -> None:
+            log.info("profile %r (%s mode) serving on %s  (OpenAI: %s/v1, Ollama: %s)", name,
+                     prof.mode, running.url, running.url, running.url)
+
+        trio.run(lambda: run_until_signal(name, prof, config_dir=path.parent, listen=listen,
+                                          on_ready=ready))
+    except BaseException as exc:  # noqa: BLE001 - mapped to one clear line below
+        leaf = _leaf(exc)
+        if isinstance(leaf, ConfigError):
+            _fail(str(leaf))
+        if isinstance(leaf, StartupError):
+            _fail(str(leaf), 1)
+        if isinstance(leaf, KeyboardInterrupt):
+            return
+        raise
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first exception inside (nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _load_for_run(path: Path, profile: str | None) -> tuple[str, Any]:
+    if not path.exists() and profile is not None:
+        builtin = builtin_config()
+        if profile in load_file(builtin).profiles:
+            return load_profile(builtin, profile)
+    return load_profile(path, profile)
+
+
+def builtin_config() -> Path:
+    """The profiles shipped in configs/ (the demo and friends)."""
+    from .paths import configs_dir
+
+    return configs_dir() / "profiles.toml"
+
+
+_run_options = [
+    config_option, profile_option,
+    click.option("--listen", default=None, help="host:port to listen on (overrides the profile)."),
+    click.option("--verbose", "-v", is_flag=True, help="Debug logging."),
+]
+
+
+def _with(options: list[Any]):  # type: ignore[no-untyped-def]
+    def deco(f):  # type: ignore[no-untyped-def]
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return deco
+
+
+@main.command()
+@_with(_run_options)
+def run(config: Path | None, profile: str | None, listen: str | None, verbose: bool) -> None:
+    """Serve a profile until Ctrl-C.
+
+    Launches the backends the profile names (or connects to them), then serves
+    the OpenAI routes (/v1/chat/completions, /v1/completions, /v1/models), the
+    Ollama routes (/api/chat, /api/generate, /api/tags, /api/show, /api/ps,
+    /api/version) and /health. Without a config file, `--profile demo` uses
+    the built-in profiles.
+    """
+    _run(config, profile, listen, verbose)
+
+
+@main.group()
+def proxy() -> None:
+    """Start the proxy or ask a running one how it is doing."""
+
+
+@proxy.command("start")
+@_with(_run_options)
+def proxy_start(config: Path | None, profile: str | None, listen: str | None, verbose: bool) -> None:
+    """Same as `tightwad run`: serve a profile until Ctrl-C (default :8088)."""
+    _run(config, profile, listen, verbose)
+
+
+@proxy.command("status")
+@click.option("--url", default="http://127.0.0.1:8088", show_default=True, help="The proxy's base URL.")
+@click.option("--api-key", envvar="TIGHTWAD_API_KEY", default=None, help="Bearer token ($TIGHTWAD_API_KEY).")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+def proxy_status(url: str, api_key: str | None, as_json: bool) -> None:
+    """Show a running proxy's health, mode and backends."""
+    import httpx
+
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        resp = httpx.get(url.rstrip("/") + "/health", headers=headers, timeout=10)
+        data = resp.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        _fail(f"no proxy answering at {url}: {exc}", 1)
+        return
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{url}  profile {data.get('profile')!r}, mode {data.get('mode')!r}: {data.get('status')}")
+    for col in ("role", "backend", "healthy", "detail"):
+        table.add_column(col)
+    for role, b in (data.get("backends") or {}).items():
+        table.add_row(role, b.get("backend", ""), "yes" if b.get("ok") else "NO", b.get("detail", ""))
+    Console().print(table)
+    if data.get("status") != "ok":
+        sys.exit(1)
+
+
+from . import cli_admin  # noqa: E402,F401  (registers config, init, plugins, setup)
