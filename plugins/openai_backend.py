@@ -6,10 +6,17 @@ from __future__ import annotations
 
 from tightwad_core.hookspecs import hookimpl
 from tightwad_core.http_backend import OpenAIHTTPBackend
+from tightwad_core.profiles import BackendConfig, ConfigError
+from tightwad_core.roles import BackendContext
 
 
 class OpenAIBackend(OpenAIHTTPBackend):
     kind = "openai"
+
+    def __init__(self, config: BackendConfig, context: BackendContext) -> None:
+        if config.url is None:
+            raise ConfigError(f"{context.role}: the openai backend needs `url` (it cannot launch models)")
+        super().__init__(config, context)
 
 
 @hookimpl

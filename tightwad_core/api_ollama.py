@@ -5,6 +5,7 @@ NDJSON, on by default as in Ollama."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -20,6 +21,7 @@ from .errors import BadRequest, TightwadError, UnsupportedParam
 from .records import Delta, GenRequest, Result
 
 bp = Blueprint("ollama", __name__)
+log = logging.getLogger("tightwad.api")
 _enc = msgspec.json.Encoder()
 
 #: The Ollama API version whose wire format these routes follow.
@@ -229,6 +231,7 @@ async def _lines(model: str, field: str, first: Delta, it: AsyncIterator[Delta],
                     return
                 delta = await anext(it, None)
         except TightwadError as exc:
+            log.warning("ollama stream failed: %s", exc.message)
             yield _enc.encode({"error": exc.message}) + b"\n"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -16,6 +17,7 @@ from .errors import BadRequest, TightwadError
 from .records import Delta, GenRequest, Result
 
 bp = Blueprint("openai", __name__)
+log = logging.getLogger("tightwad.api")
 _enc = msgspec.json.Encoder()
 
 
@@ -36,7 +38,7 @@ class ChatBody(msgspec.Struct, kw_only=True):
 
 class CompletionBody(msgspec.Struct, kw_only=True):
     model: str | None = None
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str | int]
     max_tokens: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -78,10 +80,12 @@ async def _parse(kind: str) -> tuple[GenRequest, Any, str]:
         max_tokens = body.max_tokens
         extra = extras(raw, COMPLETION_FIELDS)
         prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
+        if isinstance(prompt, list) and any(isinstance(p, str) for p in prompt):
+            if len(prompt) != 1 or not isinstance(prompt[0], str):
                 raise BadRequest("only one prompt per request is supported", param="prompt")
             prompt = prompt[0]
+        elif isinstance(prompt, list) and any(p < 0 for p in prompt):  # type: ignore[operator]
+            raise BadRequest("token ids must not be negative", param="prompt")
         if prompt == "" or prompt == []:
             raise BadRequest("prompt must not be empty", param="prompt")
     if body.n != 1:
@@ -178,7 +182,7 @@ async def _events(kind: str, rid: str, created: int, model: str, first: Delta,
                     yield chunk(delta.text, None, delta)
                 delta = await anext(stream, None)
         except TightwadError as exc:
-            current_app.logger.warning("stream %s failed: %s", rid, exc.message)
+            log.warning("stream %s failed: %s", rid, exc.message)
             yield _sse(exc.body())
         yield b"data: [DONE]\n\n"
 

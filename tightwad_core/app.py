@@ -67,6 +67,11 @@ def create_app(st: ServerState) -> QuartTrio:
         err.type = "not_found_error" if status == 404 else "invalid_request_error"
         return error_response(err)
 
+    @app.errorhandler(Exception)
+    async def _unexpected(exc: Exception) -> Response:
+        app.logger.exception("unexpected error on %s", request.path)
+        return error_response(TightwadError(f"internal error: {exc.__class__.__name__}"))
+
     @app.get("/health")
     async def health() -> Response:
         checks = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,7 @@ def _run(config: Path | None, profile: str | None, listen: str | None, verbose: 
     _setup_logging(verbose)
     path = find_config(config)
     try:
-        name, prof = _load_for_run(path, profile)
+        name, prof = _load_for_run(path, profile, explicit=config is not None or 'TIGHTWAD_CONFIG' in os.environ)
         log = logging.getLogger("tightwad")
 
         def ready(running: Any) -> None:
@@ -113,11 +114,10 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-def _load_for_run(path: Path, profile: str | None) -> tuple[str, Any]:
-    if not path.exists() and profile is not None:
-        builtin = builtin_config()
-        if profile in load_file(builtin).profiles:
-            return load_profile(builtin, profile)
+def _load_for_run(path: Path, profile: str | None, explicit: bool) -> tuple[str, Any]:
+    """With no config file of the user's, the shipped profiles serve."""
+    if not path.exists() and not explicit:
+        return load_profile(builtin_config(), profile)
     return load_profile(path, profile)
 
 
@@ -200,4 +200,4 @@ def proxy_status(url: str, api_key: str | None, as_json: bool) -> None:
         sys.exit(1)
 
 
-from . import cli_admin  # noqa: E402,F401  (registers config, init, plugins, setup)
+from . import cli_admin, cli_setup  # noqa: E402,F401  (registers config, init, plugins, setup)

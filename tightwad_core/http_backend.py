@@ -26,7 +26,8 @@ class OpenAIHTTPBackend:
         self.config = config
         self.role = context.role
         self.context = context
-        self.base_url = (config.url or "").rstrip("/")
+        url = (config.url or "").rstrip("/")
+        self.base_url = url[:-3] if url.endswith("/v1") else url  # we add /v1/... ourselves
         self._client: httpx.AsyncClient | None = None
         self._ready = trio.Event()
 

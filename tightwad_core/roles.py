@@ -42,7 +42,8 @@ class Backend(Protocol):
         """The model's name as the upstream server reports it."""
 
     async def model_info(self) -> dict[str, Any]:
-        """Facts for `/api/show`: family, parameter size, quantization, context, template."""
+        """Facts for `/api/show` and `/api/tags`; any of these keys may be present:
+        ``name``, ``chat_template``, ``context_length``, ``parameters``, ``size``."""
 
     async def generate(self, req: GenRequest) -> Result: ...
 

@@ -44,7 +44,10 @@ def build_backends(profile_name: str, profile: Profile, registry: Registry, conf
             factory = registry.get("backends", cfg.backend)
         except KeyError as exc:
             raise ConfigError(f"profile {profile_name!r}: field '{role}.backend': {exc.args[0]}") from None
-        backends[role] = factory(cfg, BackendContext(role=role, config_dir=config_dir, run_dir=run_dir))
+        try:
+            backends[role] = factory(cfg, BackendContext(role=role, config_dir=config_dir, run_dir=run_dir))
+        except ConfigError as exc:
+            raise ConfigError(f"profile {profile_name!r}: {exc}") from None
     return backends
 
 
