@@ -142,6 +142,21 @@ def check_messages(messages: list[dict[str, Any]]) -> None:
                              param=f"messages[{i}].content")
 
 
+_line_enc = msgspec.json.Encoder()
+#: Characters JSON leaves raw but some line splitters (Python's splitlines)
+#: treat as line ends; escaped so an event is always one line.
+_SPLITTERS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+
+def json_line(obj: object) -> bytes:
+    """Compact JSON that is guaranteed to stay on one line for any client."""
+    data = _line_enc.encode(obj)
+    for raw, esc in _SPLITTERS:
+        if raw in data:
+            data = data.replace(raw, esc)
+    return data
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 

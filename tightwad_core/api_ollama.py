@@ -15,7 +15,8 @@ from typing import Any
 import msgspec
 from quart import Blueprint, Response, request
 
-from .api_common import ServerState, check_messages, check_sampling, check_stop, decode_body
+from .api_common import (ServerState, check_messages, check_sampling, check_stop, decode_body,
+                         json_line)
 from .api_openai import state
 from .errors import BadRequest, TightwadError, UnsupportedParam
 from .records import Delta, GenRequest, Result
@@ -225,7 +226,7 @@ async def _lines(model: str, field: str, first: Delta, it: AsyncIterator[Delta],
                     piece[field] = ({"role": "assistant", "content": delta.text}
                                     if field == "message" else delta.text)
                     piece["done"] = False
-                    yield _enc.encode(piece) + b"\n"
+                    yield json_line(piece) + b"\n"
                 if delta.finish_reason is not None:
                     yield _enc.encode(_final(model, field, "", delta.finish_reason, delta.usage, t0)) + b"\n"
                     return

@@ -12,7 +12,7 @@ import msgspec
 from quart import Blueprint, Response, current_app, request
 
 from .api_common import (ServerState, check_messages, check_sampling, check_stop, decode_body,
-                         extras, new_id)
+                         extras, json_line, new_id)
 from .errors import BadRequest, TightwadError
 from .records import Delta, GenRequest, Result
 
@@ -64,7 +64,7 @@ def _usage(u: Any) -> dict[str, int]:
 
 
 def _sse(obj: Any) -> bytes:
-    return b"data: " + _enc.encode(obj) + b"\n\n"
+    return b"data: " + json_line(obj) + b"\n\n"
 
 
 async def _parse(kind: str) -> tuple[GenRequest, Any, str]:

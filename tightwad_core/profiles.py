@@ -54,6 +54,16 @@ class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     restart: bool = True  # restart a launched server that dies
 
 
+class SpeculationConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """How the speculative mode drafts and verifies."""
+
+    max_draft_tokens: int | str = "auto"  # K draft tokens per round, or "auto" to pick K (0 = relay) by measurement
+    k_max: int = 12  # largest K that "auto" tries
+    verifier: str = "auto"  # rung: worker, prompt-logprobs, prefix-batch, generate-compare; auto = best the target offers
+    fallback_on_draft_failure: bool = True  # a failing or slow draft lets the request go on with the target alone
+    draft_timeout: float = 5.0  # seconds one proposal may take before the round goes on without it
+
+
 class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """One way of running the proxy."""
 
@@ -68,6 +78,7 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_body_bytes: int = 1_048_576  # largest request body accepted
     target: BackendConfig | None = None  # the model whose output is served
     draft: BackendConfig | None = None  # the cheap model that proposes tokens
+    speculation: SpeculationConfig = msgspec.field(default_factory=SpeculationConfig)  # settings of the speculative mode
 
 
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -251,6 +262,17 @@ def validate(path: Path, name: str, prof: Profile, check_files: bool = True) -> 
     _check_backend(path, name, "target", prof.target, check_files)
     if prof.draft is not None:
         _check_backend(path, name, "draft", prof.draft, check_files)
+    spec = prof.speculation
+    k = spec.max_draft_tokens
+    if isinstance(k, str) and k != "auto" or isinstance(k, int) and not 0 <= k <= 64:
+        _raise(path, name, "speculation.max_draft_tokens", f'expected "auto" or a number from 0 to 64, got {k!r}')
+    if not 1 <= spec.k_max <= 64:
+        _raise(path, name, "speculation.k_max", "expected a number from 1 to 64")
+    rungs = ("auto", "worker", "prompt-logprobs", "prefix-batch", "generate-compare")
+    if spec.verifier not in rungs:
+        _raise(path, name, "speculation.verifier", f"expected one of {', '.join(rungs)}, got {spec.verifier!r}")
+    if spec.draft_timeout <= 0:
+        _raise(path, name, "speculation.draft_timeout", "expected a positive number of seconds")
 
 
 def profile_names(path: Path) -> list[str]:

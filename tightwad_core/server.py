@@ -86,6 +86,9 @@ async def serve_profile(
                     log.warning("%s backend (%s at %s) is not healthy yet: %s; serving anyway, "
                                 "requests fail with 503 until it is", role, backend.kind, h.url, h.detail)
             mode = mode_factory(profile, backends)
+            starter = getattr(mode, "start", None)
+            if starter is not None:
+                await starter()
             state = ServerState(profile_name, profile, mode, backends, api_key)
             app = create_app(state)
             hc = HyperConfig()

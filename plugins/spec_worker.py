@@ -1,0 +1,87 @@
+"""The `worker` verifier: one request per round to a Tightwad worker, which
+evaluates only the new tokens in one batch against the KV cache it keeps for
+the session, rolls back rejected positions, and answers the verdict.
+
+Protocol (see docs/worker.md): POST /v1/tightwad/verify with the session,
+`past` (tokens accepted and already in its cache), the new `tokens` (the last
+round's target token, then the K draft tokens), `draft` = K, the sampler and
+the draft's q; the answer is `accepted`, `token`, `gaps` and `engine_ms`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import httpx
+import msgspec
+import trio
+
+from tightwad_core.errors import BackendError, BackendUnavailable
+from tightwad_core.hookspecs import hookimpl
+from tightwad_core.openai_wire import post_json
+from tightwad_core.spec.interfaces import Proposal, SamplingParams, Verdict
+
+log = logging.getLogger("tightwad.worker")
+
+
+class WorkerSession:
+    def __init__(self, backend: Any, prompt: list[int], sampling: SamplingParams) -> None:
+        self.backend = backend
+        self.sampling = msgspec.to_builtins(sampling)
+        self.session: str | None = None
+        self.past = 0
+        self.pending = list(prompt)  # accepted tokens the worker has not evaluated yet
+        self.closed = False
+
+    async def verify(self, proposal: Proposal) -> Verdict:
+        t0 = time.perf_counter()
+        body = {"session": self.session, "past": self.past, "tokens": self.pending + proposal.tokens,
+                "draft": len(proposal.tokens), "sampling": self.sampling,
+                "q": ([{str(t): p for t, p in row.items()} for row in proposal.q]
+                      if proposal.q is not None else None)}
+        data = await post_json(self.backend.client, "/v1/tightwad/verify", body, self.backend.where)
+        try:
+            self.session = data["session"]
+            accepted, token = int(data["accepted"]), int(data["token"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BackendError(f"{self.backend.where} sent a malformed verdict") from exc
+        if not 0 <= accepted <= len(proposal.tokens):
+            raise BackendError(f"{self.backend.where} accepted {accepted} of {len(proposal.tokens)}")
+        self.past += len(self.pending) + accepted
+        self.pending = [token]
+        engine = data.get("engine_ms")
+        return Verdict(accepted=accepted, token=token, gaps=data.get("gaps"),
+                       seconds=time.perf_counter() - t0,
+                       engine_seconds=None if engine is None else float(engine) / 1000)
+
+    async def aclose(self) -> None:
+        if self.closed or self.session is None:
+            return
+        self.closed = True
+        try:
+            with trio.move_on_after(2):
+                await self.backend.client.delete(f"/v1/tightwad/sessions/{self.session}")
+        except httpx.HTTPError as exc:
+            log.debug("could not free worker session %s: %s", self.session, exc)
+
+
+class WorkerVerifier:
+    rung = "worker"
+    exact = True
+    one_pass = True
+    label = "worker: exact; K tokens verified in one forward pass, KV cache kept per session"
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+
+    async def open(self, prompt: list[int], sampling: SamplingParams) -> WorkerSession:
+        if self.backend.client is None:
+            raise BackendUnavailable("the worker is not started")
+        return WorkerSession(self.backend, prompt, sampling)
+
+
+@hookimpl
+def register_verifiers(register):  # type: ignore[no-untyped-def]
+    register("worker", WorkerVerifier)

@@ -1,0 +1,130 @@
+"""The speculation loop: draft, verify once, emit the target's tokens.
+
+It knows the roles in `interfaces` only: no HTTP, no engine. Each round:
+ask the drafter for K tokens (K from `DraftLength`), let the verifier check
+them in one target pass, feed the accepted tokens and the target's own next
+token to the `Emitter`, and yield the text it releases. A drafter that fails
+or is slow past its budget costs one round at K = 0 (`fallback`), never the
+request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import trio
+
+from ..errors import BackendError
+from ..records import Delta, Usage
+from .draftlen import DraftLength
+from .emitter import Emitter
+from .interfaces import Drafter, Proposal, SamplingParams, TargetText, Verifier
+
+log = logging.getLogger("tightwad.spec")
+
+
+@dataclass
+class RequestStats:
+    """What one request measured; merged into the proxy's totals at its end."""
+
+    rounds: int = 0
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # of those, kept by the target
+    emitted: int = 0  # tokens in the answer
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    engine_s: float = 0.0  # engine time inside verify, when the verifier reports it
+    wall_s: float = 0.0
+    draft_failures: int = 0
+    ks: list[int] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)  # greedy: top-2 gap per emitted token
+
+    @property
+    def network_s(self) -> float:
+        return max(self.verify_s - self.engine_s, 0.0) if self.engine_s else 0.0
+
+
+@dataclass
+class DraftGuard:
+    """Keeps a failing drafter out of the way for a while."""
+
+    budget_s: float = 5.0  # a proposal slower than this is abandoned
+    fallback: bool = True  # False: a drafter failure fails the request
+    cooldown_s: float = 10.0
+    down_until: float = 0.0
+    last_error: str = ""
+
+    def usable(self) -> bool:
+        return time.monotonic() >= self.down_until
+
+
+async def _propose(drafter: Drafter, guard: DraftGuard, ctx: list[int], k: int,
+                   sampling: SamplingParams, stats: RequestStats) -> Proposal:
+    t0 = time.perf_counter()
+    try:
+        with trio.fail_after(guard.budget_s):
+            prop = await drafter.propose(ctx, k, sampling)
+        return Proposal(tokens=prop.tokens[:k], q=None if prop.q is None else prop.q[:k],
+                        seconds=time.perf_counter() - t0)
+    except (Exception, trio.TooSlowError) as exc:  # noqa: BLE001 - any drafter fault
+        stats.draft_failures += 1
+        guard.last_error = f"{exc.__class__.__name__}: {exc}"
+        if not guard.fallback:
+            raise BackendError(f"draft failed: {guard.last_error}") from exc
+        guard.down_until = time.monotonic() + guard.cooldown_s
+        log.warning("draft failed (%s); continuing on the target alone for %.0fs",
+                    guard.last_error, guard.cooldown_s)
+        return Proposal(tokens=[], seconds=time.perf_counter() - t0)
+
+
+async def speculate(
+    prompt: list[int],
+    *,
+    verifier: Verifier,
+    drafter: Drafter | None,
+    text: TargetText,
+    sampling: SamplingParams,
+    max_tokens: int,
+    stop: tuple[str, ...],
+    draft_length: DraftLength,
+    guard: DraftGuard,
+    stats: RequestStats,
+) -> AsyncIterator[Delta]:
+    """Yield deltas of the target's answer; the last carries finish reason and usage."""
+    t_start = time.perf_counter()
+    emitter = Emitter(text.piece, text.eos, stop, max_tokens)
+    session = await verifier.open(prompt, sampling)
+    try:
+        ctx = list(prompt)
+        while emitter.finish is None:
+            remaining = max_tokens - emitter.n
+            k = min(draft_length.k(), remaining - 1) if drafter is not None and guard.usable() else 0
+            proposal = (await _propose(drafter, guard, ctx, k, sampling, stats)
+                        if k > 0 and drafter is not None else Proposal(tokens=[]))
+            verdict = await session.verify(proposal)
+            new = proposal.tokens[: verdict.accepted] + [verdict.token] + verdict.extra
+            ctx.extend(new)
+            stats.rounds += 1
+            stats.drafted += len(proposal.tokens)
+            stats.accepted += verdict.accepted
+            stats.draft_s += proposal.seconds
+            stats.verify_s += verdict.seconds
+            stats.engine_s += verdict.engine_seconds or 0.0
+            stats.ks.append(len(proposal.tokens))
+            if verdict.gaps:
+                stats.gaps.extend(verdict.gaps)
+            if proposal.tokens:
+                draft_length.observe_round(len(proposal.tokens), verdict.accepted, proposal.seconds,
+                                           verdict.seconds)
+            released = emitter.feed(new)
+            if released:
+                yield Delta(text=released)
+        stats.emitted = emitter.n
+        stats.wall_s = time.perf_counter() - t_start
+        yield Delta(finish_reason=emitter.finish, usage=Usage(len(prompt), emitter.n))
+    finally:
+        with trio.CancelScope(shield=True):
+            await session.aclose()

@@ -1,0 +1,50 @@
+"""Totals over all requests of a speculative mode (per-request figures live
+in `RequestStats` until the request ends, so concurrent requests never mix)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .loop import RequestStats
+
+
+@dataclass
+class SpecTotals:
+    requests: int = 0  # speculated requests
+    relayed: int = 0  # requests relayed to the target (K = 0)
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    engine_s: float = 0.0
+    draft_failures: int = 0
+    tokens_per_round: list[float] = field(default_factory=list)  # recent requests, for histograms
+
+    def add(self, s: RequestStats) -> None:
+        self.requests += 1
+        self.rounds += s.rounds
+        self.drafted += s.drafted
+        self.accepted += s.accepted
+        self.emitted += s.emitted
+        self.draft_s += s.draft_s
+        self.verify_s += s.verify_s
+        self.engine_s += s.engine_s
+        self.draft_failures += s.draft_failures
+        if s.rounds:
+            self.tokens_per_round.append(s.emitted / s.rounds)
+            del self.tokens_per_round[:-1000]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests, "relayed": self.relayed, "rounds": self.rounds,
+            "drafted": self.drafted, "accepted": self.accepted, "emitted": self.emitted,
+            "acceptance": self.accepted / self.drafted if self.drafted else None,
+            "tokens_per_round": self.emitted / self.rounds if self.rounds else None,
+            "time_s": {"draft": round(self.draft_s, 4), "verify": round(self.verify_s, 4),
+                       "engine": round(self.engine_s, 4),
+                       "network": round(max(self.verify_s - self.engine_s, 0.0), 4) if self.engine_s else None},
+            "draft_failures": self.draft_failures,
+        }

@@ -1,0 +1,127 @@
+"""A target's vocabulary read from its GGUF file: the bytes each token
+stands for, which tokens end generation, and a fingerprint that says whether
+two models share one vocabulary (compared token by token, not by name)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+# llama.cpp token types
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+#: Control tokens that end a turn in common chat templates.
+EOG_TEXTS = frozenset({"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "</s>",
+                       "<end_of_turn>", "<|end_of_text|>", "<|eom_id|>", "<|return|>"})
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of the GPT-2 byte-to-printable-character table."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars = keep[:]
+    n = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(keep, chars)}
+
+
+@dataclass(frozen=True)
+class Vocab:
+    pieces: tuple[bytes, ...]  # what each token id renders as in output text
+    eos: frozenset[int]  # ids that end generation
+    bos: int | None
+    model: str  # "gpt2" (byte-level BPE), "llama" (SentencePiece) or other
+    fingerprint: str  # sha256 over every token's text and type, in id order
+
+    @property
+    def n_vocab(self) -> int:
+        return len(self.pieces)
+
+    def piece(self, token: int) -> bytes:
+        return self.pieces[token] if 0 <= token < len(self.pieces) else b""
+
+
+def _field(reader, name):  # type: ignore[no-untyped-def]
+    f = reader.fields.get(name)
+    if f is None:
+        return None
+    return f
+
+
+def _scalar(reader, name) -> int | None:  # type: ignore[no-untyped-def]
+    f = _field(reader, name)
+    if f is None:
+        return None
+    return int(f.parts[f.data[0]][0])
+
+
+@lru_cache(maxsize=8)
+def _load(path: str, mtime: float, size: int) -> Vocab:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path, "r")
+    tok_field = _field(reader, "tokenizer.ggml.tokens")
+    if tok_field is None:
+        raise ValueError(f"{path}: no tokenizer.ggml.tokens in this GGUF")
+    texts = [bytes(tok_field.parts[i]).decode("utf-8", "replace") for i in tok_field.data]
+    type_field = _field(reader, "tokenizer.ggml.token_type")
+    types = ([int(type_field.parts[i][0]) for i in type_field.data] if type_field is not None
+             else [NORMAL] * len(texts))
+    model_field = _field(reader, "tokenizer.ggml.model")
+    model = bytes(model_field.parts[model_field.data[0]]).decode() if model_field else "gpt2"
+    pieces = _pieces(texts, types, model)
+    eos = {i for i in (_scalar(reader, "tokenizer.ggml.eos_token_id"),
+                       _scalar(reader, "tokenizer.ggml.eot_token_id"),
+                       _scalar(reader, "tokenizer.ggml.eom_token_id")) if i is not None}
+    eos |= {i for i, (t, ty) in enumerate(zip(texts, types)) if ty == CONTROL and t in EOG_TEXTS}
+    h = hashlib.sha256()
+    for t, ty in zip(texts, types):
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00%d\x00" % ty)
+    return Vocab(tuple(pieces), frozenset(eos), _scalar(reader, "tokenizer.ggml.bos_token_id"), model,
+                 h.hexdigest())
+
+
+def _pieces(texts: list[str], types: list[int], model: str) -> list[bytes]:
+    out: list[bytes] = []
+    if model == "gpt2":
+        dec = _byte_decoder()
+        for t, ty in zip(texts, types):
+            if ty in (CONTROL, UNUSED):
+                out.append(b"")
+            elif ty == USER_DEFINED:
+                out.append(t.encode())
+            else:
+                try:
+                    out.append(bytes(dec[c] for c in t))
+                except KeyError:
+                    out.append(t.encode())
+        return out
+    for t, ty in zip(texts, types):
+        if ty in (CONTROL, UNUSED):
+            out.append(b"")
+        elif ty == BYTE and t.startswith("<0x") and t.endswith(">"):
+            out.append(bytes([int(t[3:-1], 16)]))
+        else:
+            out.append(t.replace("\u2581", " ").encode())
+    return out
+
+
+def load_vocab(path: str | Path) -> Vocab:
+    p = Path(path)
+    st = p.stat()
+    return _load(str(p.resolve()), st.st_mtime, st.st_size)
+
+
+def from_pieces(pieces: list[bytes], eos: list[int], bos: int | None, fingerprint: str) -> Vocab:
+    """A vocabulary served over HTTP (the worker's /v1/tightwad/vocab)."""
+    return Vocab(tuple(pieces), frozenset(eos), bos, "remote", fingerprint)
+
+
+__all__ = ["Vocab", "load_vocab", "from_pieces", "np"]
