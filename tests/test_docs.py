@@ -14,7 +14,8 @@ import pytest
 
 from tightwad_core.cli import main
 from tightwad_core.plugins import load_registry, new_plugin_manager
-from tightwad_core.profiles import BackendConfig, ConfigError, Profile, load_file, load_profile
+from tightwad_core.profiles import (BackendConfig, ConfigError, Profile, SpeculationConfig, load_file,
+                                    load_profile)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -73,6 +74,8 @@ def render_default(field: msgspec.structs.FieldInfo) -> str:
         return "required"
     if value is None:
         return "unset"
+    if isinstance(value, msgspec.Struct):
+        return "see below"
     if isinstance(value, bool):
         return "`true`" if value else "`false`"
     if isinstance(value, str):
@@ -95,7 +98,8 @@ def table(text: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize(("struct", "heading"), [(Profile, "Profile fields"),
-                                                 (BackendConfig, "Backend fields")])
+                                                 (BackendConfig, "Backend fields"),
+                                                 (SpeculationConfig, "Speculation fields")])
 def test_config_fields_are_documented(struct: type[msgspec.Struct], heading: str) -> None:
     docs = sections(DOCS / "config.md")
     assert heading in docs, f"docs/config.md has no '## {heading}' section ({struct.__name__})"

@@ -194,6 +194,7 @@ async def models() -> Response:
     data = {"object": "list", "data": [{
         "id": name, "object": "model", "created": int(st.started), "owned_by": "tightwad",
         "meta": {"profile": st.profile_name, "mode": st.mode.name,
-                 "target": getattr(st.backends.get("target"), "kind", None)},
+                 "target": getattr(st.backends.get("target"), "kind", None),
+                 "verifier": st.mode.status().get("verifier")},
     }]}
     return Response(_enc.encode(data), content_type="application/json")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
@@ -12,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from .api_common import ServerState
 from .errors import PayloadTooLarge, TightwadError
+from .metrics import Metrics
 
 _enc = msgspec.json.Encoder()
 OPEN_PATHS = frozenset({"/health"})
@@ -43,14 +46,25 @@ def create_app(st: ServerState) -> QuartTrio:
     app.register_blueprint(api_openai.bp)
     app.register_blueprint(api_ollama.bp)
 
+    metrics = Metrics(st)
+    app.config["TIGHTWAD_METRICS"] = metrics
+
     @app.before_request
     async def _auth() -> None:
+        request.tightwad_t0 = time.perf_counter()  # type: ignore[attr-defined]
         if request.path not in OPEN_PATHS:
             st.check_auth(request.headers.get("authorization"))
         length = request.content_length
         if length is not None and length > st.profile.max_body_bytes:
             raise PayloadTooLarge(f"request body of {length} bytes is over the limit of "
                                   f"{st.profile.max_body_bytes}")
+
+    @app.after_request
+    async def _count(response: Response) -> Response:
+        t0 = getattr(request, "tightwad_t0", None)
+        if t0 is not None and request.url_rule is not None:
+            metrics.observe(request.url_rule.rule, response.status_code, time.perf_counter() - t0)
+        return response
 
     @app.errorhandler(TightwadError)
     async def _ours(exc: TightwadError) -> Response:
@@ -82,6 +96,22 @@ def create_app(st: ServerState) -> QuartTrio:
         ok = bool(checks) and all(c["ok"] for c in checks.values())
         return _json({"status": "ok" if ok else "degraded", "profile": st.profile_name,
                       "mode": st.mode.name, "backends": checks}, 200 if ok else 503)
+
+    @app.get("/v1/tightwad/status")
+    async def status() -> Response:
+        checks = {}
+        with trio.move_on_after(5):
+            for role, backend in st.backends.items():
+                h = await backend.health()
+                checks[role] = {"ok": h.ok, "detail": h.detail, "backend": backend.kind, "url": h.url}
+        return _json({"profile": st.profile_name, "mode": st.mode.name,
+                      "uptime_s": round(time.time() - st.started, 1),
+                      "served_model": await st.served_model(), "backends": checks,
+                      "mode_status": st.mode.status()})
+
+    @app.get("/metrics")
+    async def prom() -> Response:
+        return Response(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
     @app.get("/")
     async def root() -> Response:

@@ -172,32 +172,65 @@ def proxy_start(config: Path | None, profile: str | None, listen: str | None, ve
 @proxy.command("status")
 @click.option("--url", default="http://127.0.0.1:8088", show_default=True, help="The proxy's base URL.")
 @click.option("--api-key", envvar="TIGHTWAD_API_KEY", default=None, help="Bearer token ($TIGHTWAD_API_KEY).")
-@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON of /v1/tightwad/status.")
 def proxy_status(url: str, api_key: str | None, as_json: bool) -> None:
-    """Show a running proxy's health, mode and backends."""
+    """Show a running proxy's backends, verifier rung and speculation figures.
+
+    Exits 1 when the proxy cannot be reached or a backend is down.
+    """
     import httpx
 
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        resp = httpx.get(url.rstrip("/") + "/health", headers=headers, timeout=10)
+        resp = httpx.get(url.rstrip("/") + "/v1/tightwad/status", headers=headers, timeout=10)
         data = resp.json()
     except (httpx.HTTPError, ValueError) as exc:
         _fail(f"no proxy answering at {url}: {exc}", 1)
         return
+    if resp.status_code != 200:
+        _fail(f"{url} answered {resp.status_code}: {data.get('error', data)}", 1)
     if as_json:
         click.echo(json.dumps(data, indent=2))
-        return
+    else:
+        _print_status(url, data)
+    if not all(b.get("ok") for b in (data.get("backends") or {}).values()):
+        sys.exit(1)
+
+
+def _print_status(url: str, data: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{url}  profile {data.get('profile')!r}, mode {data.get('mode')!r}: {data.get('status')}")
-    for col in ("role", "backend", "healthy", "detail"):
+    console = Console()
+    table = Table(title=f"{url}  profile {data.get('profile')!r}, {data.get('mode')} mode, "
+                        f"up {data.get('uptime_s')} s")
+    for col in ("role", "backend", "url", "healthy", "detail"):
         table.add_column(col)
     for role, b in (data.get("backends") or {}).items():
-        table.add_row(role, b.get("backend", ""), "yes" if b.get("ok") else "NO", b.get("detail", ""))
-    Console().print(table)
-    if data.get("status") != "ok":
-        sys.exit(1)
+        table.add_row(role, b.get("backend", ""), b.get("url") or "", "yes" if b.get("ok") else "NO",
+                      b.get("detail", ""))
+    console.print(table)
+    ms = data.get("mode_status") or {}
+    if "rounds" not in ms:
+        return
+    spec = Table(title=f"verifier: {ms['verifier']['label']}")
+    spec.add_column("figure")
+    spec.add_column("value", justify="right")
+    acc = ms.get("acceptance")
+    tpr = ms.get("tokens_per_round")
+    rows = [
+        ("requests (speculated / relayed)", f"{ms['requests']} / {ms['relayed']}"),
+        ("rounds", str(ms["rounds"])),
+        ("acceptance", "-" if acc is None else f"{acc:.1%}"),
+        ("tokens per round", "-" if tpr is None else f"{tpr:.2f}"),
+        ("current K", f"{ms['draft_length']['k']} ({ms['draft_length']['mode']})"),
+        ("draft / verify / network s", " / ".join(
+            "-" if ms["time_s"][k] is None else f"{ms['time_s'][k]:.2f}" for k in ("draft", "verify", "network"))),
+        ("draft failures", str(ms["draft_failures"])),
+    ]
+    for k, v in rows:
+        spec.add_row(k, v)
+    console.print(spec)
 
 
 from . import cli_admin, cli_setup  # noqa: E402,F401  (registers config, init, plugins, setup)

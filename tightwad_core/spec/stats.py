@@ -8,6 +8,8 @@ from typing import Any
 
 from .loop import RequestStats
 
+BUCKETS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, float("inf"))
+
 
 @dataclass
 class SpecTotals:
@@ -21,7 +23,8 @@ class SpecTotals:
     verify_s: float = 0.0
     engine_s: float = 0.0
     draft_failures: int = 0
-    tokens_per_round: list[float] = field(default_factory=list)  # recent requests, for histograms
+    round_buckets: list[int] = field(default_factory=lambda: [0] * 9)  # cumulative, per request
+    round_sum: float = 0.0
 
     def add(self, s: RequestStats) -> None:
         self.requests += 1
@@ -34,8 +37,11 @@ class SpecTotals:
         self.engine_s += s.engine_s
         self.draft_failures += s.draft_failures
         if s.rounds:
-            self.tokens_per_round.append(s.emitted / s.rounds)
-            del self.tokens_per_round[:-1000]
+            tpr = s.emitted / s.rounds
+            self.round_sum += tpr
+            for i, bound in enumerate(BUCKETS):
+                if tpr <= bound:
+                    self.round_buckets[i] += 1
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -47,4 +53,7 @@ class SpecTotals:
                        "engine": round(self.engine_s, 4),
                        "network": round(max(self.verify_s - self.engine_s, 0.0), 4) if self.engine_s else None},
             "draft_failures": self.draft_failures,
+            "round_histogram": {"buckets": [["+Inf" if b == float("inf") else str(b), c]
+                                             for b, c in zip(BUCKETS, self.round_buckets)],
+                                 "sum": self.round_sum},
         }

@@ -1,0 +1,109 @@
+"""Pure logic of speculation: the emitter, acceptance rules, the K controller."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tightwad_core.spec.draftlen import DraftLength, expected_tokens
+from tightwad_core.spec.emitter import Emitter
+from tightwad_core.spec.sampling import accept_greedy, accept_sampled
+
+# token i stands for these bytes; 9 and 10 split one UTF-8 character (é = c3 a9)
+PIECES = {1: b"Hel", 2: b"lo", 3: b" wor", 4: b"ld", 5: b"!", 6: b"\n", 7: b"EN", 8: b"D",
+          9: b"\xc3", 10: b"\xa9", 11: b"x"}
+EOS = frozenset({0})
+
+
+def run(rounds: list[list[int]], stop: tuple[str, ...] = (), max_tokens: int = 100) -> tuple[list[str], Emitter]:
+    e = Emitter(lambda t: PIECES[t], EOS, stop, max_tokens)
+    return [e.feed(r) for r in rounds], e
+
+
+@pytest.mark.parametrize("rounds,stop,max_tokens,text,finish,n", [
+    ([[1, 2], [3, 4, 5]], (), 100, "Hello world!", None, 5),
+    ([[1, 2, 0, 3]], (), 100, "Hello", "stop", 2),                 # EOS ends it, not counted
+    ([[1, 2, 3, 4]], (), 3, "Hello wor", "length", 3),             # exact max_tokens
+    ([[1, 2], [3], [4, 5]], ("world",), 100, "Hello ", "stop", 4),  # stop across rounds
+    ([[1, 2, 6, 7], [8, 11]], ("\nEND",), 100, "Hello", "stop", 5),
+    ([[1, 2, 7], [11]], ("ENDX",), 100, "HelloENx", None, 4),      # held back, then released
+    ([[11, 9], [10, 11]], (), 100, "xéx", None, 4),                 # UTF-8 never split
+])
+def test_emitter(rounds, stop, max_tokens, text, finish, n):
+    out, e = run(rounds, stop, max_tokens)
+    assert "".join(out) == text
+    assert e.finish == finish and e.n == n
+    for piece in out:
+        assert "\ufffd" not in piece
+
+
+def test_split_character_is_held_until_complete():
+    out, _ = run([[11, 9], [10]])
+    assert out == ["x", "é"]
+
+
+def test_stop_prefix_released_at_eos():
+    out, e = run([[1, 2, 7], [0]], stop=("ENDX",))
+    assert "".join(out) == "HelloEN" and e.finish == "stop"
+
+
+@pytest.mark.parametrize("argmax,draft,expected", [
+    ([5, 6, 7, 8], [5, 6, 7], (3, 8)),  # perfect match: bonus token
+    ([5, 9, 7, 8], [5, 6, 7], (1, 9)),  # early mismatch: correction
+    ([4, 6, 7, 8], [5, 6, 7], (0, 4)),
+    ([3], [], (0, 3)),                  # no draft: the target's own token
+])
+def test_accept_greedy(argmax, draft, expected):
+    assert accept_greedy(argmax, draft) == expected
+
+
+def test_accept_sampled_matches_target_distribution():
+    """One position: draft q, target p; emitted token must follow p (chi-square, alpha 0.001)."""
+    p = {0: 0.5, 1: 0.3, 2: 0.15, 3: 0.05}
+    q = {0: 0.1, 1: 0.6, 2: 0.1, 3: 0.2}
+    rng = np.random.default_rng(7)
+    n = 20_000
+    counts = np.zeros(4)
+    for _ in range(n):
+        x = int(rng.choice(4, p=list(q.values())))
+        acc, tok = accept_sampled([p, {0: 1.0}], [q], [x], rng)
+        counts[x if acc == 1 else tok] += 1
+    expected = n * np.array(list(p.values()))
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 16.27, (chi2, counts)  # chi-square 0.999 quantile, 3 degrees of freedom
+
+
+def test_accept_sampled_one_hot_draft_and_seed():
+    p = {0: 0.7, 1: 0.3}
+    a = [accept_sampled([p, p], None, [1], np.random.default_rng(3)) for _ in range(5)]
+    assert len(set(a)) == 1  # same seed, same result
+
+
+@pytest.mark.parametrize("a,k,expected", [(0.0, 4, 1.0), (0.5, 1, 1.5), (0.8, 0, 1.0)])
+def test_expected_tokens(a, k, expected):
+    assert expected_tokens(a, k) == pytest.approx(expected)
+
+
+def test_auto_k_relays_when_verify_is_expensive():
+    dl = DraftLength(pinned=None, k_max=8)
+    # a CPU target: relay 25 ms/token; verify grows 15 ms per token; draft 12 ms/token
+    dl.observe_relay(100, 2.5)
+    for k in (2, 4, 8, 4, 2, 8):
+        dl.observe_round(k, int(0.6 * k), 0.012 * k, 0.025 + 0.015 * k)
+    assert dl.best_k() == 0
+
+
+def test_auto_k_speculates_when_round_trips_dominate():
+    dl = DraftLength(pinned=None, k_max=8)
+    # a target behind a slow link: 200 ms per token alone, a verify round ~210 ms whatever K
+    dl.observe_relay(20, 4.0)
+    for k in (2, 4, 8, 4, 2, 8):
+        dl.observe_round(k, int(0.8 * k), 0.01 * k, 0.2 + 0.002 * k)
+    assert dl.best_k() >= 4
+    assert dl.speculate_this_request()
+
+
+def test_pinned_k():
+    dl = DraftLength(pinned=3)
+    assert dl.k() == 3 and dl.speculate_this_request()
+    assert not DraftLength(pinned=0).speculate_this_request()
