@@ -1,0 +1,152 @@
+"""``tightwad worker``: serve one GGUF with llama-cpp-python for speculative
+verification (and drafting), plus plain OpenAI routes."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import click
+import trio
+from hypercorn.config import Config as HyperConfig
+from hypercorn.trio import serve as hyper_serve
+
+from tightwad_core.profiles import is_loopback
+
+from .app import create_worker_app
+from .engine import Engine
+
+log = logging.getLogger("tightwad.worker")
+
+
+@dataclass
+class RunningWorker:
+    """What `serve_worker` hands to ``task_status.started``."""
+
+    url: str  # base URL, e.g. http://127.0.0.1:8090
+    engine: Engine
+    shutdown: trio.Event  # set it to stop gracefully
+
+
+class WorkerConfigError(Exception):
+    """The worker cannot start as configured; the message says why."""
+
+
+async def serve_worker(model: Path, host: str = "127.0.0.1", port: int = 8090, *,
+                       slots: int = 2, ctx: int = 4096, threads: int | None = None,
+                       api_key: str | None = None, session_ttl: float = 300.0,
+                       max_body_bytes: int = 8 << 20, max_tokens_limit: int = 4096,
+                       verbose: bool = False,
+                       task_status: trio.TaskStatus[RunningWorker] = trio.TASK_STATUS_IGNORED,
+                       ) -> None:
+    """Load the model (in a thread), then serve until cancelled or until the
+    ``shutdown`` event handed to ``task_status.started`` is set."""
+    model = Path(model)
+    if not is_loopback(host) and not api_key:
+        raise WorkerConfigError(f"listening on {host} needs a bearer token: pass --api-key or "
+                                "set TIGHTWAD_API_KEY")
+    if not model.is_file():
+        raise WorkerConfigError(f"model file not found: {model}")
+    eng = await Engine.load(model, slots=slots, ctx=ctx, threads=threads,
+                            session_ttl=session_ttl, verbose=verbose)
+    shutdown = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(eng.run)
+            app = create_worker_app(eng, api_key, max_body_bytes, max_tokens_limit)
+            hc = HyperConfig()
+            hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+            hc.accesslog = None
+            hc.errorlog = logging.getLogger("hypercorn.error")
+            hc.keep_alive_max_requests = 1_000_000
+            hc.graceful_timeout = 3.0
+
+            async def http(task_status: trio.TaskStatus[list[str]]) -> None:
+                await hyper_serve(app, hc, shutdown_trigger=shutdown.wait,  # type: ignore[arg-type]
+                                  task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            binds = await nursery.start(http)
+            log.info("worker serving %s on %s (%d slots, n_ctx %d)", model.name, binds[0],
+                     slots, eng.n_ctx)
+            task_status.started(RunningWorker(binds[0], eng, shutdown))
+    finally:
+        await eng.close()
+
+
+async def _until_signal(**kw: object) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            running: RunningWorker = await nursery.start(partial(serve_worker, **kw))
+            click.echo(f"tightwad worker listening on {running.url}", err=True)
+            async for signum in signals:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                running.shutdown.set()
+                break
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _fail(msg: str) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(2)
+
+
+@click.command("worker")
+@click.option("--model", "model_ref", required=True, metavar="PATH",
+              help='GGUF file to serve, or a built-in model such as "@qwen2.5-coder-1.5b".')
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8090, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--slots", default=2, show_default=True, type=click.IntRange(1, 64),
+              help="Independent KV caches: how many sessions can be open at once.")
+@click.option("--ctx-size", "ctx", default=4096, show_default=True, type=click.IntRange(16),
+              help="Context length of each slot, in tokens.")
+@click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads per eval.")
+@click.option("--api-key", envvar="TIGHTWAD_API_KEY", default=None,
+              help="Bearer token clients must send (env TIGHTWAD_API_KEY); required when "
+                   "listening beyond loopback.")
+@click.option("--session-ttl", default=300.0, show_default=True, type=click.FloatRange(1.0),
+              help="Seconds an idle session keeps its slot.")
+@click.option("--max-tokens", "max_tokens_limit", default=4096, show_default=True,
+              type=click.IntRange(1), help="Upper bound on max_tokens for plain completions.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging, including llama.cpp's.")
+def worker_command(model_ref: str, host: str, port: int, slots: int, ctx: int,
+                   threads: int | None, api_key: str | None, session_ttl: float,
+                   max_tokens_limit: int, verbose: bool) -> None:
+    """Serve one model for speculative decoding: each verify request checks K
+    draft tokens in one forward pass on a KV cache kept per session."""
+    from tightwad_core.catalog import resolve_model
+
+    try:
+        model = resolve_model(model_ref)
+    except ValueError as exc:
+        _fail(str(exc))
+    if not model.is_file():
+        hint = " (run `tightwad setup`)" if model_ref.startswith("@") else ""
+        _fail(f"model file not found: {model}{hint}")
+    if not is_loopback(host) and not api_key:
+        _fail(f"listening on {host} needs a bearer token: pass --api-key or set TIGHTWAD_API_KEY")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        trio.run(partial(_until_signal, model=model, host=host, port=port, slots=slots, ctx=ctx,
+                         threads=threads, api_key=api_key, session_ttl=session_ttl,
+                         max_tokens_limit=max_tokens_limit, verbose=verbose))
+    except KeyboardInterrupt:
+        pass
+    except (WorkerConfigError, OSError, RuntimeError, BaseExceptionGroup) as exc:
+        leaf = _leaf(exc)
+        if isinstance(leaf, KeyboardInterrupt):
+            return
+        if not isinstance(leaf, (WorkerConfigError, OSError, RuntimeError)):
+            raise
+        _fail(str(leaf))

@@ -1,0 +1,200 @@
+"""Plain generation for ``/v1/completions`` and ``/v1/chat/completions``.
+
+Each step (one decode plus choosing the next token) is one
+``trio.to_thread.run_sync`` call on a slot held by an ephemeral session, so
+a client that disconnects stops generation after the current token and the
+slot is free for the next request. Logits never leave the thread: only the
+chosen token and, when asked, its log-probability figures come back.
+
+Log-probabilities are the model's own (log-softmax of the raw logits),
+whatever the sampler settings.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tightwad_core.spec.interfaces import SamplingParams
+
+from . import rejection
+from .engine import Engine
+from .protocol import ContextFull
+from .sessions import Session
+
+
+@dataclass(frozen=True)
+class GenOptions:
+    max_tokens: int
+    params: SamplingParams
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # legacy completions: top-N per token
+    echo: bool = False  # return the prompt (and, with logprobs, its log-probabilities)
+    prompt_logprobs: int | None = None  # vLLM-style per-prompt-token entries
+    ids_as_tokens: bool = False  # token strings become "token_id:<id>"
+
+
+@dataclass
+class TokenLP:
+    """Log-probability figures of one token at one position."""
+
+    logprob: float
+    rank: int  # 1 + how many tokens the model found more likely
+    top: list[tuple[int, float]]  # the most likely tokens, best first
+
+
+@dataclass
+class Chunk:
+    """Generation output since the previous chunk."""
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    lps: list[TokenLP | None] = field(default_factory=list)  # with `logprobs`, one per token
+    offsets: list[int] = field(default_factory=list)  # text offset of each token
+    prompt_lps: list[TokenLP | None] | None = None  # first chunk only, when asked
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def token_lp(row: np.ndarray, tok: int, n_top: int) -> TokenLP:
+    x = np.asarray(row, dtype=np.float64)
+    m = float(x.max())
+    lse = m + float(np.log(np.exp(x - m).sum()))
+    top: list[tuple[int, float]] = []
+    if n_top > 0:
+        n_top = min(n_top, len(x))
+        idx = np.argpartition(-x, n_top - 1)[:n_top]
+        idx = idx[np.argsort(-x[idx], kind="stable")]
+        top = [(int(i), float(x[i] - lse)) for i in idx]
+    return TokenLP(logprob=float(x[tok] - lse), rank=int((x > x[tok]).sum()) + 1, top=top)
+
+
+def _holdback(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of ``text`` that could still become a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+class _Picker:
+    """Chooses each next token inside the engine thread."""
+
+    def __init__(self, sess: Session, opts: GenOptions) -> None:
+        self.sess = sess
+        self.opts = opts
+        self.n_top = max(opts.logprobs or 0, 0)
+
+    def pick(self, row: np.ndarray) -> tuple[int, TokenLP | None]:
+        p = self.opts.params
+        tok = int(np.argmax(row)) if p.greedy else rejection.sample(
+            rejection.target_probs(row, p), self.sess.rng)
+        lp = token_lp(row, tok, self.n_top) if self.opts.logprobs is not None else None
+        return tok, lp
+
+    def first(self, prompt: list[int], prompt_top: int | None
+              ) -> tuple[int, TokenLP | None, list[TokenLP | None] | None]:
+        ctx = self.sess.slot.ctx
+        if prompt_top is None:
+            rows = ctx.eval(0, prompt, need=1)
+            assert rows is not None
+            return (*self.pick(rows[-1]), None)
+        lps: list[TokenLP | None] = [None]
+        out: list[tuple[int, TokenLP | None]] = []
+
+        def on_row(pos: int, row: np.ndarray) -> None:
+            if pos + 1 < len(prompt):
+                lps.append(token_lp(row, prompt[pos + 1], prompt_top))
+            else:
+                out.append(self.pick(row))
+
+        ctx.eval(0, prompt, need=len(prompt), on_row=on_row)
+        return (*out[0], lps)
+
+    def next(self, tok: int) -> tuple[int, TokenLP | None]:
+        ctx = self.sess.slot.ctx
+        rows = ctx.eval(len(ctx.tokens), [tok], need=1)
+        assert rows is not None
+        return self.pick(rows[-1])
+
+
+async def generate(engine: Engine, prompt: list[int], opts: GenOptions, *,
+                   stream: bool) -> AsyncIterator[Chunk]:
+    """Chunks of output; the last one has ``finish_reason`` and the usage counts."""
+    vocab = engine.vocab
+    if len(prompt) >= engine.n_ctx:
+        raise ContextFull(f"the prompt has {len(prompt)} tokens; this worker's context holds "
+                          f"{engine.n_ctx}", param="prompt")
+    budget = min(opts.max_tokens, engine.n_ctx - len(prompt))
+    sess = engine.table.open(prompt, opts.params.seed, ephemeral=True)
+    try:
+        picker = _Picker(sess, opts)
+        want_prompt = opts.prompt_logprobs is not None or (opts.echo and opts.logprobs is not None)
+        prompt_top = max(opts.prompt_logprobs or 0, opts.logprobs or 0) if want_prompt else None
+        call: Callable[[], Any] = lambda: picker.first(prompt, prompt_top)  # noqa: E731
+        tok, lp, prompt_lps = await engine.in_slot(sess, call)
+
+        head = Chunk(prompt_lps=prompt_lps if opts.prompt_logprobs is not None else None)
+        base = 0
+        if opts.echo:
+            dec = codecs.getincrementaldecoder("utf-8")("replace")
+            for i, t in enumerate(prompt):
+                head.tokens.append(t)
+                head.offsets.append(len(head.text))
+                head.text += dec.decode(vocab.text_pieces[t])
+                if opts.logprobs is not None:
+                    head.lps.append(prompt_lps[i] if prompt_lps else None)
+            head.text += dec.decode(b"", final=True)
+            base = len(head.text)
+        if head.text or head.prompt_lps is not None or head.tokens:
+            yield head
+
+        dec = codecs.getincrementaldecoder("utf-8")("replace")
+        text, sent, generated, finish, cut = "", 0, 0, None, False
+        pending = Chunk()
+        while True:
+            generated += 1
+            if tok in vocab.eos:
+                finish = "stop"
+                break
+            pending.tokens.append(tok)
+            pending.offsets.append(base + len(text))
+            if opts.logprobs is not None:
+                pending.lps.append(lp)
+            before = len(text)
+            text += dec.decode(vocab.text_pieces[tok])
+            if opts.stop:
+                start = max(0, before - max(len(s) for s in opts.stop) + 1)
+                hits = [i for i in (text.find(s, start) for s in opts.stop) if i >= 0]
+                if hits:
+                    text, finish, cut = text[:min(hits)], "stop", True
+                    break
+            if generated >= budget:
+                finish = "length"
+                break
+            if stream:
+                safe = len(text) - _holdback(text, opts.stop)
+                if safe > sent or pending.tokens:
+                    pending.text = text[sent:max(safe, sent)]
+                    sent = max(safe, sent)
+                    yield pending
+                    pending = Chunk()
+            nxt = tok
+            tok, lp = await engine.in_slot(sess, lambda: picker.next(nxt))
+        if not cut:  # an incomplete UTF-8 sequence at the end becomes U+FFFD
+            text += dec.decode(b"", final=True)
+        pending.text = text[sent:]
+        pending.finish_reason = finish
+        pending.prompt_tokens = len(prompt)
+        pending.completion_tokens = generated
+        yield pending
+    finally:
+        engine.table.release(sess)
