@@ -107,40 +107,59 @@ async def stream_sse(
     client: httpx.AsyncClient, path: str, body: dict[str, Any], kind: str, where: str
 ) -> AsyncIterator[Delta]:
     """POST with ``stream: true`` and yield deltas; the final one has the
-    finish reason and usage. Leaving the generator closes the upstream request."""
+    finish reason and usage. Events that arrive in one read are merged into
+    one delta (fewer, larger chunks when the client side lags). Leaving the
+    generator closes the upstream request."""
     finish: str | None = None
     usage: Usage | None = None
+    buf = b""
+    done = False
     try:
         async with client.stream(
             "POST", path, content=msgspec.json.encode(body), headers={"content-type": "application/json"}
         ) as resp:
             if resp.status_code >= 400:
                 raise_for_status(resp, await resp.aread(), where)
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    if line.startswith("error:"):
-                        raise BackendError(f"{where} stream error: {line[6:].strip()}")
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
+            async for chunk in resp.aiter_raw():
+                buf += chunk
+                *events, buf = buf.replace(b"\r\n", b"\n").split(b"\n\n")
+                texts: list[str] = []
+                for event in events:
+                    for line in event.split(b"\n"):
+                        if line.startswith(b"error:"):
+                            raise BackendError(f"{where} stream error: {line[6:].strip().decode(errors='replace')}")
+                        if not line.startswith(b"data:"):
+                            continue
+                        payload = line[5:].strip()
+                        if payload == b"[DONE]":
+                            done = True
+                            break
+                        try:
+                            data = _json.decode(payload)
+                        except msgspec.DecodeError as exc:
+                            raise BackendError(f"{where} sent a malformed stream event") from exc
+                        if "error" in data:
+                            raise BackendError(f"{where} stream error: {_error_message(payload)}")
+                        usage = _usage(data.get("usage")) or usage
+                        for choice in data.get("choices") or ():
+                            if kind == "chat":
+                                text = (choice.get("delta") or {}).get("content") or ""
+                            else:
+                                text = choice.get("text") or ""
+                            if choice.get("finish_reason"):
+                                finish = choice["finish_reason"]
+                            lp = choice.get("logprobs")
+                            if lp:
+                                if texts:
+                                    yield Delta(text="".join(texts))
+                                    texts = []
+                                yield Delta(text=text, extra={"logprobs": lp})
+                            elif text:
+                                texts.append(text)
+                if texts:
+                    yield Delta(text="".join(texts))
+                if done:
                     break
-                try:
-                    data = _json.decode(payload)
-                except msgspec.DecodeError as exc:
-                    raise BackendError(f"{where} sent a malformed stream event") from exc
-                if "error" in data:
-                    raise BackendError(f"{where} stream error: {_error_message(payload.encode())}")
-                usage = _usage(data.get("usage")) or usage
-                for choice in data.get("choices") or ():
-                    if kind == "chat":
-                        text = (choice.get("delta") or {}).get("content") or ""
-                    else:
-                        text = choice.get("text") or ""
-                    lp = choice.get("logprobs")
-                    if choice.get("finish_reason"):
-                        finish = choice["finish_reason"]
-                    if text or lp:
-                        yield Delta(text=text, extra={"logprobs": lp} if lp else None)
     except httpx.TimeoutException as exc:
         raise BackendError(f"{where} timed out") from exc
     except httpx.TransportError as exc:

@@ -1,0 +1,104 @@
+"""Bad input gets a clear OpenAI- or Ollama-shaped error, never a traceback,
+and the proxy keeps serving. Runs against a real llama-server (tiny model)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from conftest import relay_profile, start_proxy
+
+CHAT = "/v1/chat/completions"
+MSG = [{"role": "user", "content": "hi"}]
+
+CASES = [
+    # (name, path, raw body, status, type/param fragment)
+    ("malformed json", CHAT, b'{"messages": [', 400, "not valid JSON"),
+    ("empty body", CHAT, b"", 400, "empty"),
+    ("not an object", CHAT, b"[1, 2]", 400, "invalid request"),
+    ("missing messages", CHAT, b'{"model": "x"}', 400, "messages"),
+    ("messages wrong type", CHAT, b'{"messages": "hello"}', 400, "messages"),
+    ("empty messages", CHAT, b'{"messages": []}', 400, "messages must not be empty"),
+    ("role missing", CHAT, b'{"messages": [{"content": "x"}]}', 400, "role"),
+    ("max_tokens zero", CHAT, json.dumps({"messages": MSG, "max_tokens": 0}).encode(), 400, "max_tokens"),
+    ("max_tokens negative", CHAT, json.dumps({"messages": MSG, "max_tokens": -5}).encode(), 400, "max_tokens"),
+    ("max_tokens over limit", CHAT, json.dumps({"messages": MSG, "max_tokens": 100000}).encode(), 400,
+     "above this proxy's limit"),
+    ("max_tokens string", CHAT, json.dumps({"messages": MSG, "max_tokens": "ten"}).encode(), 400, "max_tokens"),
+    ("temperature too high", CHAT, json.dumps({"messages": MSG, "temperature": 7}).encode(), 400, "temperature"),
+    ("n above one", CHAT, json.dumps({"messages": MSG, "n": 3}).encode(), 400, "n=1"),
+    ("denied passthrough", CHAT, json.dumps({"messages": MSG, "n_predict": 99999}).encode(), 400, "n_predict"),
+    ("unknown model", CHAT, json.dumps({"messages": MSG, "model": "gpt-9"}).encode(), 404, "gpt-9"),
+    ("empty prompt", "/v1/completions", b'{"prompt": ""}', 400, "prompt"),
+    ("two prompts", "/v1/completions", b'{"prompt": ["a", "b"]}', 400, "one prompt"),
+    ("unknown route", "/v1/nope", b"{}", 404, ""),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status,fragment", CASES, ids=[c[0] for c in CASES])
+async def test_bad_openai_input(nursery, tmp_path, tiny_server, name, path, body, status, fragment):
+    running = await start_proxy(nursery, relay_profile(tiny_server.url, max_tokens_limit=256), tmp_path)
+    async with httpx.AsyncClient(base_url=running.url) as client:
+        r = await client.post(path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert set(err) >= {"message", "type", "code", "param"}
+        assert fragment in err["message"]
+        # and the proxy still serves a good request afterwards
+        ok = await client.post(CHAT, json={"messages": MSG, "max_tokens": 4})
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["usage"]["completion_tokens"] <= 4
+    running.shutdown.set()
+
+
+async def test_body_over_limit(nursery, tmp_path, tiny_server):
+    running = await start_proxy(nursery, relay_profile(tiny_server.url, max_body_bytes=4096), tmp_path)
+    big = {"messages": [{"role": "user", "content": "x" * 10_000}]}
+    async with httpx.AsyncClient(base_url=running.url) as client:
+        r = await client.post(CHAT, json=big)
+        assert r.status_code == 413
+        assert r.json()["error"]["code"] == "request_too_large"
+        r = await client.post("/api/chat", json={"model": "x", **big})
+        assert r.status_code == 413 and "limit" in r.json()["error"]
+    running.shutdown.set()
+
+
+OLLAMA_CASES = [
+    ("chat no model", "/api/chat", b'{"messages": []}', 400, "model"),
+    ("chat bad options", "/api/chat", json.dumps({"model": "tiny-llama", "messages": MSG,
+                                                    "options": {"temperature": "hot"}}).encode(), 400,
+     "temperature"),
+    ("unknown option", "/api/chat", json.dumps({"model": "tiny-llama", "messages": MSG,
+                                                 "options": {"flux_capacitor": 1}}).encode(), 400,
+     "flux_capacitor"),
+    ("images", "/api/generate", json.dumps({"model": "tiny-llama", "prompt": "x",
+                                             "images": ["aGk="]}).encode(), 400, "images"),
+    ("unknown model", "/api/generate", json.dumps({"model": "llama3", "prompt": "x"}).encode(), 404,
+     "llama3"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status,fragment", OLLAMA_CASES, ids=[c[0] for c in OLLAMA_CASES])
+async def test_bad_ollama_input(nursery, tmp_path, tiny_server, name, path, body, status, fragment):
+    running = await start_proxy(nursery, relay_profile(tiny_server.url), tmp_path)
+    async with httpx.AsyncClient(base_url=running.url) as client:
+        r = await client.post(path, content=body)
+        assert r.status_code == status, r.text
+        assert fragment in r.json()["error"]
+    running.shutdown.set()
+
+
+async def test_bearer_token_required(nursery, tmp_path, tiny_server):
+    running = await start_proxy(nursery, relay_profile(tiny_server.url, api_key="s3cret"), tmp_path)
+    async with httpx.AsyncClient(base_url=running.url) as client:
+        assert (await client.get("/health")).status_code == 200  # health stays open
+        r = await client.post(CHAT, json={"messages": MSG, "max_tokens": 2})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        r = await client.get("/v1/models", headers={"authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        r = await client.post(CHAT, json={"messages": MSG, "max_tokens": 2},
+                              headers={"authorization": "Bearer s3cret"})
+        assert r.status_code == 200
+    running.shutdown.set()
