@@ -234,6 +234,8 @@ def _print_status(url: str, data: dict[str, Any]) -> None:
 
 
 from . import cli_admin, cli_setup  # noqa: E402,F401  (registers config, init, plugins, setup)
+from .cli_bench import bench  # noqa: E402
 from .cli_link import link  # noqa: E402
 
 main.add_command(link)
+main.add_command(bench)

@@ -1,0 +1,254 @@
+"""Figures of `tightwad bench`: per-prompt rows from timed runs, totals, the
+JSON object and the rich table.
+
+A row is what one prompt measured over its repeats: the median wall times of
+the proxy and the direct runs, the speculation counters summed over the
+repeats, and whether the proxy's answer was the target's own.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: A divergence where the target's top two choices were closer than this
+#: (in natural-log units) is a near tie: a rounding-level difference between
+#: two ways of computing the same logits, not a wrong answer.
+NEAR_TIE_GAP = 1.0
+
+COUNTERS = ("rounds", "drafted", "accepted", "emitted", "relayed")
+
+
+@dataclass
+class DirectRun:
+    """One request straight to the target (through the link, if any)."""
+
+    seconds: float
+    text: str
+    tokens: int
+    ids: list[int] | None = None  # the generated token ids, where the target reports them
+
+
+@dataclass
+class ProxyRun:
+    """One request through the proxy, with the mode's counters for it."""
+
+    seconds: float
+    text: str
+    tokens: int
+    counters: dict[str, int]
+
+
+@dataclass
+class Divergence:
+    """Where the proxy's answer first left the target's."""
+
+    index: int | None  # token index in the direct answer
+    gap: float | None  # the direct run's top-2 log-probability gap there
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+def gap_of(values: Sequence[float]) -> float | None:
+    top = sorted(values, reverse=True)
+    return float(top[0] - top[1]) if len(top) >= 2 else None
+
+
+def divergence_index(direct_ids: list[int], proxy_text: str, piece: Callable[[int], bytes]) -> int:
+    """Index of the first direct token whose text the proxy's answer does not share.
+
+    The direct tokens are decoded the way the proxy's emitter decodes its own
+    (incremental UTF-8, errors replaced), so equal token prefixes give equal text."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text = ""
+    held_from: int | None = None  # first token whose bytes the decoder still holds
+    for i, tok in enumerate(direct_ids):
+        origin = i if held_from is None else held_from
+        out = decoder.decode(piece(tok))
+        text += out
+        if not proxy_text.startswith(text):
+            return origin
+        if not decoder.getstate()[0]:
+            held_from = None
+        elif out or held_from is None:
+            held_from = i
+    text += decoder.decode(b"", final=True)
+    if held_from is not None and not proxy_text.startswith(text):
+        return held_from
+    return len(direct_ids)
+
+
+def _incomplete_tail(buf: bytes) -> bool:
+    """Whether ``buf`` ends inside a UTF-8 character, by llama-server's own test."""
+    for i in range(1, min(4, len(buf)) + 1):
+        c = buf[-i]
+        if (c & 0xE0) == 0xC0 and i < 2 or (c & 0xF0) == 0xE0 and i < 3 or (c & 0xF8) == 0xF0 and i < 4:
+            return True
+    return False
+
+
+def align_gaps(tokens: list[int], steps: list[dict[str, Any]],
+               piece: Callable[[int], bytes]) -> list[float | None]:
+    """The top-2 gap at each generated position.
+
+    llama-server leaves out the probabilities of a token after which the text
+    ends inside a UTF-8 character, so ``completion_probabilities`` can be
+    shorter than ``tokens``; such positions get None. Every kept entry must
+    name the token at its position, else no gap is trusted."""
+
+    def gap(step: dict[str, Any]) -> float | None:
+        return gap_of([float(t["logprob"]) for t in step.get("top_logprobs") or ()])
+
+    if len(steps) == len(tokens) and all(int(s.get("id", -1)) == t for s, t in zip(steps, tokens)):
+        return [gap(s) for s in steps]
+    out: list[float | None] = []
+    buf = b""
+    j = 0
+    for tok in tokens:
+        buf += piece(tok)
+        if _incomplete_tail(buf[-4:]):
+            out.append(None)
+        elif j < len(steps) and int(steps[j].get("id", -1)) == tok:
+            out.append(gap(steps[j]))
+            j += 1
+        else:
+            return [None] * len(tokens)
+    return out if j == len(steps) else [None] * len(tokens)
+
+
+def make_row(prompt: str, category: str | None, directs: list[DirectRun], proxies: list[ProxyRun],
+             divergence: Divergence | None) -> dict[str, Any]:
+    """One prompt's figures; ``divergence`` is None when every repeat was identical."""
+    proxy_s = statistics.median(r.seconds for r in proxies)
+    direct_s = statistics.median(r.seconds for r in directs)
+    sums = {k: sum(r.counters.get(k, 0) for r in proxies) for k in COUNTERS}
+    return {
+        "prompt": prompt,
+        "category": category,
+        "tokens": directs[0].tokens,
+        "proxy_tokens": proxies[0].tokens,
+        "proxy_s": round(proxy_s, 6),
+        "direct_s": round(direct_s, 6),
+        "speedup": round(direct_s / proxy_s, 4) if proxy_s > 0 else None,
+        "identical": divergence is None,
+        "first_divergence": None if divergence is None else divergence.index,
+        "divergence_gap": None if divergence is None or divergence.gap is None
+        else round(divergence.gap, 6),
+        "acceptance": _ratio(sums["accepted"], sums["drafted"]),
+        "tokens_per_round": _ratio(sums["emitted"], sums["rounds"]),
+        "runs": len(proxies),
+        **sums,
+    }
+
+
+def near_tie(row: dict[str, Any]) -> bool:
+    if row["identical"]:
+        return True
+    gap = row.get("divergence_gap")
+    return gap is not None and gap < NEAR_TIE_GAP
+
+
+def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals over the measured prompts (null where nothing was measured)."""
+    n = len(rows)
+    proxy_s = sum(r["proxy_s"] for r in rows)
+    direct_s = sum(r["direct_s"] for r in rows)
+    tokens = sum(r["tokens"] for r in rows)
+    proxy_tokens = sum(r["proxy_tokens"] for r in rows)
+    sums = {k: sum(r.get(k, 0) for r in rows) for k in COUNTERS}
+
+    def rounded(value: float | None, digits: int = 4) -> float | None:
+        return None if value is None else round(value, digits)
+
+    return {
+        "prompts": n,
+        "tokens": tokens,
+        "proxy_tokens": proxy_tokens,
+        "proxy_s": round(proxy_s, 6),
+        "direct_s": round(direct_s, 6),
+        "speedup": rounded(_ratio(direct_s, proxy_s)),
+        "proxy_tok_s": rounded(_ratio(proxy_tokens, proxy_s), 2),
+        "direct_tok_s": rounded(_ratio(tokens, direct_s), 2),
+        "acceptance": rounded(_ratio(sums["accepted"], sums["drafted"])),
+        "tokens_per_round": rounded(_ratio(sums["emitted"], sums["rounds"])),
+        "identical_rate": rounded(_ratio(sum(1 for r in rows if r["identical"]), n)),
+        "near_tie_rate": rounded(_ratio(sum(1 for r in rows if near_tie(r)), n)),
+        **sums,
+    }
+
+
+def build_report(profile_name: str, config: dict[str, Any], rows: list[dict[str, Any]],
+                 *, complete: bool = True) -> dict[str, Any]:
+    """The JSON object of a bench run."""
+    return {"profile": profile_name, "config": dict(config), "prompts": list(rows),
+            "totals": totals(rows), "complete": complete}
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def excerpt(text: str, width: int = 42) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    if row["identical"]:
+        return "identical"
+    where = row["first_divergence"]
+    gap = row["divergence_gap"]
+    text = f"diverged@{where}" if where is not None else "diverged"
+    return text + (f" gap {gap:.2f}" if gap is not None else "")
+
+
+def render(report: dict[str, Any], console: Any, *, title: str | None = None) -> None:
+    """Print the per-prompt table and the totals on a rich console."""
+    from rich.table import Table
+    from rich.text import Text
+
+    cfg = report["config"]
+    link = cfg.get("link") or "no link emulation"
+    table = Table(title=title or (f"profile {report['profile']!r}: {cfg.get('verifier')} verifier, "
+                                  f"K {cfg.get('draft_tokens')}, {link}"),
+                  show_edge=False, collapse_padding=True)
+    table.add_column("#", justify="right", no_wrap=True)
+    verdicts = [_verdict(r) for r in report["prompts"]]
+    out_w = max([9, 11, *map(len, verdicts)])
+    room = max(8, min(40, int(getattr(console, "width", 80)) - 58 - out_w))
+    table.add_column("prompt", no_wrap=True, overflow="ellipsis", max_width=room)
+    for name in ("tokens", "proxy\ns", "direct\ns", "speed\nup", "accept", "tok/\nround"):
+        table.add_column(name, justify="right", no_wrap=True, min_width=max(map(len, name.split("\n"))))
+    table.add_column("output", no_wrap=True, overflow="ellipsis", min_width=9)
+    def figures(row: dict[str, Any]) -> list[str]:
+        return [str(row["tokens"]), f"{row['proxy_s']:.3f}", f"{row['direct_s']:.3f}",
+                _num(row["speedup"], ".2f") + "x", _num(row["acceptance"], ".1%"),
+                _num(row["tokens_per_round"], ".2f")]
+
+    for i, row in enumerate(report["prompts"], 1):
+        table.add_row(str(i), Text(excerpt(row["prompt"], room)), *figures(row), verdicts[i - 1])
+    t = report["totals"]
+    table.add_section()
+    table.add_row("", Text(excerpt(f"total, {t['prompts']} prompts", room)), *figures(t),
+                  f"{_num(t['identical_rate'], '.0%')} ident.")
+    console.print(table)
+    console.print(f"proxy {_num(t['proxy_tok_s'], '.1f')} tok/s, direct "
+                  f"{_num(t['direct_tok_s'], '.1f')} tok/s: speed-up {_num(t['speedup'], '.2f')}x",
+                  highlight=False)
+    console.print(f"identical {_num(t['identical_rate'], '.0%')}; identical or a near tie "
+                  f"(gap < {NEAR_TIE_GAP:g}) {_num(t['near_tie_rate'], '.0%')}", highlight=False)
