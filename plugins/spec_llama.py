@@ -167,8 +167,11 @@ class LlamaServerDrafter:
             top_k = min(sampling.top_k or MAX_PROBS, MAX_PROBS)
             fields = sampler_fields(SamplingParams(temperature=sampling.temperature, top_k=top_k,
                                                    top_p=sampling.top_p), top_k)
+        # a request's seed makes its drafts reproducible too (same context, same proposal)
+        seed = (int(self._rng.integers(0, 2**31 - 1)) if sampling.seed is None
+                else (sampling.seed * 1_000_003 + len(context)) % (2**31 - 1))
         body = {"prompt": context, "n_predict": k, "cache_prompt": True, "return_tokens": True,
-                "seed": int(self._rng.integers(0, 2**31 - 1)), **fields}
+                "seed": seed, **fields}
         data = await post_json(self.backend.client, "/completion", body, self.backend.where)
         tokens = [int(t) for t in data.get("tokens") or ()][:k]
         q = None
