@@ -176,13 +176,17 @@ class LlamaServerDrafter:
         tokens = [int(t) for t in data.get("tokens") or ()][:k]
         q = None
         if not sampling.greedy:
+            # llama-server may leave out the entry of a token that ends inside a
+            # UTF-8 character; a token whose q we do not have cannot be proposed
+            # exactly, so the proposal stops at the first missing or misaligned one
             steps = data.get("completion_probabilities") or []
-            q = [probs_row(st)[0] for st in steps[: len(tokens)]]
-            # a token whose q we do not have cannot be proposed exactly: cut there
-            for i, (t, row) in enumerate(zip(tokens, q)):
-                if row.get(t, 0.0) <= 0.0:
-                    tokens, q = tokens[:i], q[:i]
+            q = []
+            for t, st in zip(tokens, steps):
+                row = probs_row(st)[0]
+                if int(st.get("id", -1)) != t or row.get(t, 0.0) <= 0.0:
                     break
+                q.append(row)
+            tokens = tokens[: len(q)]
         return Proposal(tokens=tokens, q=q, seconds=time.perf_counter() - t0)
 
 

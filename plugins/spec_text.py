@@ -32,6 +32,10 @@ class TargetTokenizer:
         return self.vocab.eos
 
     async def load(self, fallback_files: list[Vocab | None]) -> None:
+        own = local_vocab(self.backend)
+        if own is not None:
+            self.vocab = own
+            return
         if self.backend.kind == "worker":
             data = await self.backend.get_json("/v1/tightwad/vocab")
             try:
@@ -39,10 +43,6 @@ class TargetTokenizer:
                                          data.get("bos"), data["fingerprint"])
             except (KeyError, ValueError, TypeError) as exc:
                 raise BackendError("the worker sent a malformed vocabulary") from exc
-            return
-        own = local_vocab(self.backend)
-        if own is not None:
-            self.vocab = own
             return
         for v in fallback_files:
             if v is not None:

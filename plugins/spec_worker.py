@@ -39,8 +39,8 @@ class WorkerSession:
         t0 = time.perf_counter()
         body = {"session": self.session, "past": self.past, "tokens": self.pending + proposal.tokens,
                 "draft": len(proposal.tokens), "sampling": self.sampling,
-                "q": ([{str(t): p for t, p in row.items()} for row in proposal.q]
-                      if proposal.q is not None else None)}
+                "q": [{str(t): p for t, p in row.items()} for row in (proposal.q or [])]
+                if self.sampling["temperature"] > 0 else None}
         data = await post_json(self.backend.client, "/v1/tightwad/verify", body, self.backend.where)
         try:
             self.session = data["session"]

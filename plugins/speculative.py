@@ -22,6 +22,7 @@ from tightwad_core.spec.draftlen import DraftLength
 from tightwad_core.spec.interfaces import SamplingParams
 from tightwad_core.spec.loop import DraftGuard, RequestStats, speculate
 from tightwad_core.spec.stats import SpecTotals
+from tightwad_core.vocab import same_vocab
 
 from .spec_llama import GenerateCompareVerifier, LlamaServerDrafter, PrefixBatchVerifier
 from .spec_openai import PromptLogprobsVerifier, TextDrafter
@@ -70,7 +71,7 @@ class SpeculativeMode:
         await self.text.load(fallback_files=[local_vocab(self.draft_backend)])
         draft_vocab = local_vocab(self.draft_backend)
         if self.draft_backend.kind in ("llama-server",) and draft_vocab is not None:
-            if draft_vocab.fingerprint != self.text.vocab.fingerprint:
+            if not same_vocab(draft_vocab, self.text.vocab):
                 raise ConfigError(
                     f"the draft's vocabulary ({draft_vocab.n_vocab} tokens) differs from the target's "
                     f"({self.text.vocab.n_vocab} tokens): token ids cannot be mapped; use a draft of the "

@@ -131,6 +131,9 @@ async def test_client_disconnect_cancels_upstream(nursery, tmp_path, qwen_server
 
 
 def test_ctrl_c_stops_cleanly(tmp_path, tiny_model):
+    model = tmp_path / "ctrl-c-model.gguf"  # a name no other test's server uses
+    model.write_bytes(tiny_model.read_bytes())
+    tiny_model = model
     port = free_port()
     cfg = tmp_path / "tightwad.toml"
     cfg.write_text(

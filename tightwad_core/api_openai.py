@@ -31,6 +31,7 @@ class ChatBody(msgspec.Struct, kw_only=True):
     stop: str | list[str] | None = None
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None  # an extension llama.cpp and vLLM accept
     seed: int | None = None
     n: int = 1
     user: str | None = None
@@ -45,6 +46,7 @@ class CompletionBody(msgspec.Struct, kw_only=True):
     stop: str | list[str] | None = None
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None  # an extension llama.cpp and vLLM accept
     seed: int | None = None
     n: int = 1
     user: str | None = None
@@ -91,7 +93,7 @@ async def _parse(kind: str) -> tuple[GenRequest, Any, str]:
     if body.n != 1:
         raise BadRequest("only n=1 is supported", param="n")
     model = await st.check_model(body.model)
-    max_tokens = check_sampling(st.profile, max_tokens, body.temperature, body.top_p)
+    max_tokens = check_sampling(st.profile, max_tokens, body.temperature, body.top_p, body.top_k)
     req = GenRequest(
         kind=kind,  # type: ignore[arg-type]
         messages=body.messages if kind == "chat" else None,
@@ -99,6 +101,7 @@ async def _parse(kind: str) -> tuple[GenRequest, Any, str]:
         max_tokens=max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
+        top_k=body.top_k,
         seed=body.seed,
         stop=check_stop(body.stop),
         extra=extra,

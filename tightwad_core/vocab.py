@@ -124,4 +124,15 @@ def from_pieces(pieces: list[bytes], eos: list[int], bos: int | None, fingerprin
     return Vocab(tuple(pieces), frozenset(eos), bos, "remote", fingerprint)
 
 
+def same_vocab(a: Vocab, b: Vocab) -> bool:
+    """Whether token ids mean the same in both: the GGUF fingerprints when both
+    were read from files, else token by token (control tokens, which one side
+    may render empty, are skipped)."""
+    if a.model != "remote" and b.model != "remote":
+        return a.fingerprint == b.fingerprint
+    if a.n_vocab != b.n_vocab:
+        return False
+    return all(x == y or not x or not y for x, y in zip(a.pieces, b.pieces))
+
+
 __all__ = ["Vocab", "load_vocab", "from_pieces", "np"]
