@@ -19,9 +19,14 @@ async def test_speculative_greedy_equals_target_alone(tmp_path: Path) -> None:
     qwen(catalog.DEFAULT_TARGET)
     qwen(catalog.DEFAULT_DRAFT)
     name, profile = load_profile(builtin_config(), "speculative")
-    prompts = load_prompts(limit=20)
+    every = load_prompts()
+    by_cat: dict[str, list[dict[str, str]]] = {}
+    for item in every:
+        by_cat.setdefault(item["category"], []).append(item)
+    prompts = [p for group in zip(*by_cat.values()) for p in group][:20]  # round-robin over categories
+    prompts += [p for p in every if p not in prompts][: 20 - len(prompts)]
     assert len(prompts) == 20 and len({p["category"] for p in prompts}) >= 5
-    report = await run_bench(name, profile, config_dir=tmp_path, prompts=prompts, max_tokens=96,
+    report = await run_bench(name, profile, config_dir=tmp_path, prompts=prompts, max_tokens=64,
                              draft_tokens=8, run_dir=tmp_path)
     rows = report["prompts"]
     diverged = [(r["prompt"][:40], r["first_divergence"], r["divergence_gap"]) for r in rows if not r["identical"]]

@@ -36,7 +36,7 @@ class DraftLength:
 
     pinned: int | None = None  # a fixed K, or None for auto
     k_max: int = 12
-    probe_every: int = 8  # while relaying, speculate on every Nth request to re-measure
+    probe_every: int = 16  # while relaying, speculate on every Nth request to re-measure
     alpha: float = 0.1  # weight of the newest sample in moving averages
     acceptance: float = 0.6  # prior until measured
     draft_s_per_token: float | None = None
