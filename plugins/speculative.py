@@ -140,14 +140,20 @@ class SpeculativeMode:
 
     async def _relay(self, req: GenRequest) -> AsyncIterator[Delta]:
         t0 = time.perf_counter()
-        tokens = 0
+        parts: list[str] = []
         self.totals.relayed += 1
         async with aclosing(self.target.stream(req)) as it:
             async for d in it:
-                if d.usage is not None:
-                    tokens = d.usage.completion_tokens
+                parts.append(d.text)
+                if d.finish_reason is not None:
+                    # measured before the last delta goes out: a consumer may close
+                    # this generator as soon as it has the finish
+                    seconds = time.perf_counter() - t0
+                    tokens = d.usage.completion_tokens if d.usage is not None else None
+                    if tokens is None and self.text is not None:  # no usage in the target's stream
+                        tokens = len(await self.text.tokenize("".join(parts), special=False))
+                    self.draft_length.observe_relay(tokens or 0, seconds)
                 yield d
-        self.draft_length.observe_relay(tokens, time.perf_counter() - t0)
 
     def status(self) -> dict[str, Any]:
         return {"mode": self.name, "verifier": {"rung": self.rung, "label": self.verifier.label if self.verifier

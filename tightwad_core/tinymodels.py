@@ -23,6 +23,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from .vocab import byte_to_unicode
+
 DEFAULT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -46,20 +48,6 @@ _DTYPES = {
 }
 
 
-def _byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character mapping."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    keep += list(range(ord("®"), ord("ÿ") + 1))
-    chars = keep[:]
-    extra = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(keep, chars, strict=True)}
-
-
 @dataclass(frozen=True)
 class TinyVocab:
     """A byte-level BPE vocabulary: tokens, token types, merges, special ids."""
@@ -74,7 +62,7 @@ class TinyVocab:
     @classmethod
     def build(cls, words: tuple[str, ...] = _WORDS) -> TinyVocab:
         """Byte tokens, then merges that build each word left to right."""
-        b2u = _byte_to_unicode()
+        b2u = byte_to_unicode()
         tokens = [b2u[b] for b in range(256)]
         seen = set(tokens)
         merges: list[str] = []

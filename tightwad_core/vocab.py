@@ -18,8 +18,8 @@ EOG_TEXTS = frozenset({"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "
                        "<end_of_turn>", "<|end_of_text|>", "<|eom_id|>", "<|return|>"})
 
 
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of the GPT-2 byte-to-printable-character table."""
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (byte-level BPE)."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
     chars = keep[:]
     n = 0
@@ -28,7 +28,11 @@ def _byte_decoder() -> dict[str, int]:
             keep.append(b)
             chars.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(keep, chars)}
+    return {b: chr(c) for b, c in zip(keep, chars)}
+
+
+def _byte_decoder() -> dict[str, int]:
+    return {c: b for b, c in byte_to_unicode().items()}
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 A pinned K is used as is. ``"auto"`` picks the K that maximises expected
 target tokens per second from what it measures:
 
-* a, the chance that the target accepts one draft token (moving average of
-  accepted / proposed),
+* a, the chance that the target keeps a draft token given it kept the ones
+  before (decayed count of kept tokens over tokens tried),
 * d, seconds the drafter spends per proposed token,
 * v(k), seconds one verify round costs with k draft tokens, fitted as
   v0 + v1 * k by least squares over recent rounds (network included),
@@ -43,6 +43,8 @@ class DraftLength:
     relay_s_per_token: float | None = None
     _rounds: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=64))
     _requests: int = 0
+    _acc: float = 0.0  # decayed sums behind `acceptance`
+    _trials: float = 0.0
     current: int = 4
 
     # ---- per request ------------------------------------------------------
@@ -71,7 +73,12 @@ class DraftLength:
 
     def observe_round(self, k: int, accepted: int, draft_s: float, verify_s: float) -> None:
         if k > 0:
-            self.acceptance += self.alpha * (accepted / k - self.acceptance)
+            # a is per token, given the ones before it were kept: a round that
+            # kept n of k tried n + 1 tokens (n if all k were kept)
+            trials = accepted + (1 if accepted < k else 0)
+            self._acc = self._acc * (1 - self.alpha) + accepted
+            self._trials = self._trials * (1 - self.alpha) + trials
+            self.acceptance = self._acc / self._trials if self._trials else self.acceptance
             per = draft_s / k
             self.draft_s_per_token = per if self.draft_s_per_token is None else (
                 self.draft_s_per_token + self.alpha * (per - self.draft_s_per_token))
