@@ -56,7 +56,7 @@ class LlamaServerBackend(OpenAIHTTPBackend):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         self.process = Supervised(
-            f"llama-server ({self.role})",
+            f"{self.kind} ({self.role})",
             self.launch_argv(port),
             self.context.run_dir / f"llama-server-{self.role}.log",
             url + "/health",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,9 +160,10 @@ class Context:
         params.n_batch = n_batch
         params.n_ubatch = n_batch
         params.n_seq_max = 1
-        if model.threads:
-            params.n_threads = model.threads
-            params.n_threads_batch = model.threads
+        # llama.cpp's own default is a fixed 4 threads, which oversubscribes small machines
+        threads = model.threads or os.cpu_count() or 1
+        params.n_threads = threads
+        params.n_threads_batch = threads
         ctx = llama_cpp.llama_init_from_model(model.ptr, params)
         if not ctx:
             raise RuntimeError("llama.cpp could not create a context")
