@@ -22,12 +22,12 @@ from tightwad_core.spec.draftlen import DraftLength
 from tightwad_core.spec.interfaces import SamplingParams
 from tightwad_core.spec.loop import DraftGuard, RequestStats, speculate
 from tightwad_core.spec.stats import SpecTotals
-from tightwad_core.vocab import same_vocab
+from tightwad_core.vocab import from_pieces, same_vocab
 
 from .spec_llama import GenerateCompareVerifier, LlamaServerDrafter, PrefixBatchVerifier
 from .spec_openai import PromptLogprobsVerifier, TextDrafter
 from .spec_text import TargetTokenizer, local_vocab
-from .spec_worker import WorkerVerifier
+from .spec_worker import WorkerDrafter, WorkerVerifier
 
 log = logging.getLogger("tightwad.spec")
 
@@ -70,7 +70,7 @@ class SpeculativeMode:
         self.text = TargetTokenizer(self.target)
         await self.text.load(fallback_files=[local_vocab(self.draft_backend)])
         draft_vocab = local_vocab(self.draft_backend)
-        if self.draft_backend.kind in ("llama-server",) and draft_vocab is not None:
+        if self.draft_backend.kind == "llama-server" and draft_vocab is not None:
             if not same_vocab(draft_vocab, self.text.vocab):
                 raise ConfigError(
                     f"the draft's vocabulary ({draft_vocab.n_vocab} tokens) differs from the target's "
@@ -80,6 +80,14 @@ class SpeculativeMode:
         elif self.draft_backend.kind == "llama-server":
             self.drafter = LlamaServerDrafter(self.draft_backend)
             log.warning("draft vocabulary not checked (no local model file); assuming it matches")
+        elif self.draft_backend.kind == "worker":
+            data = await self.draft_backend.get_json("/v1/tightwad/vocab")
+            theirs = from_pieces([bytes.fromhex(p) for p in data["pieces"]], data["eos"], data.get("bos"),
+                                 data["fingerprint"])
+            if not same_vocab(theirs, self.text.vocab):
+                raise ConfigError("the worker draft's vocabulary differs from the target's: token ids "
+                                  "cannot be mapped; use a draft of the same family")
+            self.drafter = WorkerDrafter(self.draft_backend)
         else:
             self.drafter = TextDrafter(self.draft_backend, self.text)
             log.warning("draft %s speaks text: proposals are re-tokenized with the target's tokenizer "

@@ -22,19 +22,21 @@ def pair(tmp_path_factory):  # type: ignore[no-untyped-def]
     return tiny_pair(tmp_path_factory.mktemp("wpair"), seed=2)
 
 
-def worker_profile(pair, rung: str = "worker", k: int | str = 4) -> Profile:  # type: ignore[no-untyped-def]
+def worker_profile(pair, rung: str = "worker", k: int | str = 4,  # type: ignore[no-untyped-def]
+                   draft_backend: str = "llama-server") -> Profile:
     draft, target = pair
     return Profile(mode="speculative", listen="127.0.0.1:0", max_tokens_limit=256,
                    target=BackendConfig(backend="worker", model_path=str(target), ctx_size=512, parallel=2,
                                         threads=1),
-                   draft=BackendConfig(backend="llama-server", model_path=str(draft), ctx_size=512,
+                   draft=BackendConfig(backend=draft_backend, model_path=str(draft), ctx_size=512,
                                        parallel=1, threads=1),
                    speculation=SpeculationConfig(max_draft_tokens=k, verifier=rung))
 
 
-@pytest.mark.parametrize("rung", ["worker", "prompt-logprobs"])
-async def test_greedy_is_the_workers_own(nursery, tmp_path, pair, rung):
-    running = await start_proxy(nursery, worker_profile(pair, rung), tmp_path)
+@pytest.mark.parametrize("rung,drafter", [("worker", "llama-server"), ("prompt-logprobs", "llama-server"),
+                                           ("worker", "worker")])
+async def test_greedy_is_the_workers_own(nursery, tmp_path, pair, rung, drafter):
+    running = await start_proxy(nursery, worker_profile(pair, rung, draft_backend=drafter), tmp_path)
     target = running.state.backends["target"]
     async with httpx.AsyncClient(timeout=120) as c:
         for prompt in ("the cat sat on", "once upon a time", "hello world"):
