@@ -70,6 +70,25 @@ class ServerProc:
 
 
 @pytest.fixture(scope="session")
+def llama_cpp_installed() -> None:
+    """The worker's engine; `tightwad setup` installs it. Missing is a failure, not a skip."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.fail("llama-cpp-python is not installed: run `tightwad setup`")
+
+
+@pytest.fixture(scope="session")
+def qwen_target_file() -> Path:
+    return qwen(catalog.DEFAULT_TARGET)
+
+
+@pytest.fixture(scope="session")
+def llama_server_binary() -> Path:
+    return engine()
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tightwad_core.tinymodels import write_tiny_model
 

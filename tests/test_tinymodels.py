@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -12,7 +11,7 @@ import gguf
 import httpx
 import pytest
 
-from tightwad_core import catalog
+from tightwad_core.procs import find_engine, free_port
 from tightwad_core.tinymodels import (
     DEFAULT_TEMPLATE,
     TinyVocab,
@@ -90,29 +89,12 @@ def test_tiny_pair_agreement(tmp_path: Path) -> None:
 # --- against the real engine -----------------------------------------------------------
 
 
-def _llama_server() -> Path | None:
-    for path in (catalog.engine_binary("llama-server"),
-                 catalog.engine_dir() / "build" / "bin" / "llama-server"):
-        if path.is_file():
-            return path
-    return None
-
-
-needs_server = pytest.mark.skipif(
-    _llama_server() is None,
-    reason="llama-server is not built yet (run `tightwad setup`)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+needs_server = pytest.mark.usefixtures("llama_server_binary")
 
 
 def _serve(model: Path, log: Path, *extra: str) -> Iterator[httpx.Client]:
-    binary = _llama_server()
-    assert binary is not None
-    port = _free_port()
+    binary = find_engine("llama-server")
+    port = free_port()
     cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
            "--jinja", "-c", "512", "-t", "2", "--no-webui", "--no-warmup", *extra]
     with log.open("wb") as out:

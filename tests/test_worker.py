@@ -3,7 +3,6 @@ model, and an optional check on the real Qwen 1.5B model."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import time
@@ -138,8 +137,7 @@ def test_rejection_sampling_is_seeded_and_edge_cases() -> None:
 # ===================================================================== live worker
 
 # Every live test below needs llama-cpp-python; the command-line test does not.
-needs_engine = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                                  reason="llama-cpp-python is not installed")
+needs_engine = pytest.mark.usefixtures("llama_cpp_installed")
 
 
 async def start(nursery: trio.Nursery, model: Path, **kw: Any) -> RunningWorker:
@@ -462,7 +460,7 @@ QWEN = catalog.model_path("qwen2.5-coder-1.5b")
 
 @pytest.mark.slow
 @needs_engine
-@pytest.mark.skipif(not QWEN.exists(), reason="run `tightwad setup` for the Qwen models")
+@pytest.mark.usefixtures("qwen_target_file")
 async def test_qwen_verify_eight_in_one_pass(nursery: trio.Nursery) -> None:
     threads = 2
     w = await start(nursery, QWEN, slots=1, ctx=1024, threads=threads)
