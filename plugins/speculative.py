@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
+import msgspec
 import trio
 
 from tightwad_core.errors import BadRequest, UnsupportedParam
@@ -24,7 +25,7 @@ from tightwad_core.spec.loop import DraftGuard, RequestStats, speculate
 from tightwad_core.spec.stats import SpecTotals
 from tightwad_core.vocab import from_pieces, same_vocab
 
-from .spec_llama import GenerateCompareVerifier, LlamaServerDrafter, PrefixBatchVerifier
+from .spec_llama import GenerateCompareVerifier, LlamaServerDrafter, PrefixBatchVerifier, sampler_fields
 from .spec_openai import PromptLogprobsVerifier, TextDrafter
 from .spec_text import TargetTokenizer, local_vocab
 from .spec_worker import WorkerDrafter, WorkerVerifier
@@ -150,6 +151,15 @@ class SpeculativeMode:
         t0 = time.perf_counter()
         parts: list[str] = []
         self.totals.relayed += 1
+        s = self._sampling(req)
+        # the same defaults as the speculative path (OpenAI's temperature 1), not the server's
+        req = msgspec.structs.replace(req, temperature=s.temperature, top_p=s.top_p)
+        if self.target.kind == "llama-server" and not s.greedy:
+            # the sampler the verifier uses, without llama-server's extra default samplers
+            fields = sampler_fields(s, 0)
+            fields.pop("n_probs")
+            fields.pop("post_sampling_probs")
+            req = msgspec.structs.replace(req, extra={**req.extra, **fields})
         async with aclosing(self.target.stream(req)) as it:
             async for d in it:
                 parts.append(d.text)

@@ -20,7 +20,7 @@ def pair(tmp_path_factory):  # type: ignore[no-untyped-def]
 
 def spec_profile(pair, rung: str, k: int | str = 4) -> Profile:  # type: ignore[no-untyped-def]
     draft, target = pair
-    be = dict(backend="llama-server", ctx_size=512, parallel=k + 1 if isinstance(k, int) else 5, threads=1)
+    be = dict(backend="llama-server", ctx_size=512, parallel=max(k + 1, 2) if isinstance(k, int) else 5, threads=1)
     return Profile(mode="speculative", listen="127.0.0.1:0", max_tokens_limit=256,
                    target=BackendConfig(model_path=str(target), **be),
                    draft=BackendConfig(model_path=str(draft), **{**be, "parallel": 1}),
@@ -62,4 +62,22 @@ async def test_greedy_output_is_the_targets(nursery, tmp_path, pair, rung):
     assert status["rounds"] > 0 and status["drafted"] > 0
     if rung == "prefix-batch":
         assert status["acceptance"] > 0.2  # the tiny pair agrees about 3 times in 4
+    running.shutdown.set()
+
+
+async def test_k_zero_relays_to_the_target(nursery, tmp_path, pair):
+    """K = 0 (what auto picks when speculation does not pay) relays whole requests."""
+    running = await start_proxy(nursery, spec_profile(pair, "prefix-batch", 0), tmp_path)
+    target = running.state.backends["target"]
+    text = running.state.mode.text
+    ref = await _reference(target.base_url, "the cat sat on", 32)
+    async with httpx.AsyncClient(base_url=running.url, timeout=60) as client:
+        r = await client.post("/v1/completions", json={"prompt": "the cat sat on", "max_tokens": 32, "temperature": 0})
+        assert r.json()["choices"][0]["text"] == b"".join(text.piece(t) for t in ref).decode("utf-8", "replace")
+        s = await client.post("/v1/completions", json={"prompt": "the cat sat on", "max_tokens": 8,
+                                                        "temperature": 0.7, "seed": 5})
+        assert s.status_code == 200 and s.json()["usage"]["completion_tokens"] == 8
+    st = running.state.mode.status()
+    assert st["relayed"] == 2 and st["rounds"] == 0
+    assert st["draft_length"]["relay_ms_per_token"] is not None  # the relay's speed is measured
     running.shutdown.set()
