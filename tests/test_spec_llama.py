@@ -4,7 +4,9 @@ prefix-batch and generate-compare rungs give the target's own greedy output."""
 from __future__ import annotations
 
 import httpx
+import msgspec
 import pytest
+import trio
 
 from conftest import start_proxy
 from tightwad_core.profiles import BackendConfig, Profile, SpeculationConfig
@@ -81,3 +83,30 @@ async def test_k_zero_relays_to_the_target(nursery, tmp_path, pair):
     assert st["relayed"] == 2 and st["rounds"] == 0
     assert st["draft_length"]["relay_ms_per_token"] is not None  # the relay's speed is measured
     running.shutdown.set()
+
+
+async def test_text_drafter_over_openai_backend(nursery, tmp_path, pair):
+    """A draft that only speaks text (an OpenAI-compatible server): its answer
+    is re-tokenized with the target's tokenizer; output stays the target's."""
+    from conftest import ServerProc
+
+    draft_file, _ = pair
+    srv = await trio.to_thread.run_sync(lambda: ServerProc(draft_file, tmp_path / "draft.log", parallel=1))
+    try:
+        prof = spec_profile(pair, "prefix-batch", 4)
+        prof = msgspec.structs.replace(prof, draft=BackendConfig(backend="openai", url=srv.url + "/v1",
+                                                                 model="draft"))
+        running = await start_proxy(nursery, prof, tmp_path)
+        assert running.state.mode.drafter.__class__.__name__ == "TextDrafter"
+        target = running.state.backends["target"]
+        text = running.state.mode.text
+        async with httpx.AsyncClient(base_url=running.url, timeout=60) as client:
+            for prompt in ("the cat sat on", "hello world"):
+                ref = await _reference(target.base_url, prompt, 24)
+                r = await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 24, "temperature": 0})
+                assert r.json()["choices"][0]["text"] == b"".join(text.piece(t) for t in ref).decode("utf-8", "replace")
+        st = running.state.mode.status()
+        assert st["drafted"] > 0 and st["accepted"] > 0
+        running.shutdown.set()
+    finally:
+        srv.stop()
