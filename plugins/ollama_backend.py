@@ -15,7 +15,7 @@ import trio
 
 from tightwad_core.errors import BackendError, BackendUnavailable, BadRequest, UnsupportedParam
 from tightwad_core.hookspecs import hookimpl
-from tightwad_core.openai_wire import raise_for_status
+from tightwad_core.openai_wire import post_json, raise_for_status
 from tightwad_core.profiles import BackendConfig, ConfigError, secret
 from tightwad_core.records import Delta, GenRequest, Health, Result, Usage
 from tightwad_core.roles import BackendContext
@@ -138,15 +138,7 @@ class OllamaBackend:
         return "/api/generate", body
 
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
-        try:
-            resp = await self.client.post(path, content=msgspec.json.encode(body),
-                                          headers={"content-type": "application/json"})
-        except httpx.TimeoutException as exc:
-            raise BackendError(f"{self.where} timed out") from exc
-        except httpx.TransportError as exc:
-            raise BackendUnavailable(f"{self.where} is unreachable: {exc}") from exc
-        raise_for_status(resp, resp.content, self.where)
-        return _json.decode(resp.content)
+        return await post_json(self.client, path, body, self.where)
 
     @staticmethod
     def _text(kind: str, data: dict[str, Any]) -> str:

@@ -6,26 +6,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import click
 
+from .cli_link import checked
 from .linkemu import LinkSpec, parse_bandwidth, parse_delay
-
-
-def _checked(parse: Callable[[str], object]) -> Callable[..., object]:
-    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> object:
-        if value is None:
-            return None
-        try:
-            return parse(value)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
-
-    return callback
 
 
 def _fail(msg: str, code: int) -> None:
@@ -101,9 +89,9 @@ async def _bench(name: str, prof: Any, config_dir: Path, prompts: list[dict[str,
               help="Tokens generated per prompt.")
 @click.option("--draft-tokens", type=click.IntRange(0, 64), default=None, metavar="K",
               help="Pin K, the draft tokens per round (default: the profile's).")
-@click.option("--link-delay", default=None, metavar="TIME", callback=_checked(parse_delay),
+@click.option("--link-delay", default=None, metavar="TIME", callback=checked(parse_delay),
               help="Emulate a link to the target with this one-way delay: 10ms, 0.5s.")
-@click.option("--link-bandwidth", default=None, metavar="RATE", callback=_checked(parse_bandwidth),
+@click.option("--link-bandwidth", default=None, metavar="RATE", callback=checked(parse_bandwidth),
               help="...and this bandwidth per direction: 100mbit, 1gbit, 10MB.")
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="Run each prompt N times and report medians.")

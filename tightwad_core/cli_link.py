@@ -23,7 +23,7 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _checked(parse: Callable[[str], object]) -> Callable[..., object]:
+def checked(parse: Callable[[str], object]) -> Callable[..., object]:
     """A click callback that turns the parser's ValueError into one usage line."""
 
     def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> object:
@@ -62,16 +62,16 @@ async def _run(listen: tuple[str, int], target: tuple[str, int], spec: LinkSpec)
 
 @click.command("link", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--listen", default="127.0.0.1:0", show_default=True, metavar="HOST:PORT",
-              callback=_checked(parse_address),
+              callback=checked(parse_address),
               help="Where to accept connections; port 0 picks a free port.")
 @click.option("--to", "target", required=True, metavar="HOST:PORT",
-              callback=_checked(parse_address),
+              callback=checked(parse_address),
               help="The model server (or proxy) to relay connections to.")
 @click.option("--delay", default="0ms", show_default=True, metavar="TIME",
-              callback=_checked(parse_delay),
+              callback=checked(parse_delay),
               help="One-way delay, added in each direction: 10ms, 0.5s, 250us "
                    "(a bare number is milliseconds).")
-@click.option("--bandwidth", default=None, metavar="RATE", callback=_checked(parse_bandwidth),
+@click.option("--bandwidth", default=None, metavar="RATE", callback=checked(parse_bandwidth),
               help="Cap per direction: 500kbit, 100mbit, 1gbit (bits/s) or 10MB, 512KiB "
                    "(bytes/s). Default: unlimited.")
 def link(listen: tuple[str, int], target: tuple[str, int], delay: float,
