@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tightwad_core import catalog
-from tightwad_core.procs import StartupError, find_engine, free_port
-from tightwad_core.profiles import BackendConfig, Profile
-from tightwad_core.server import Running, serve_profile
+from tightwad_core.runtime import catalog
+from tightwad_core.runtime.procs import StartupError, find_engine, free_port
+from tightwad_core.config.profiles import BackendConfig, Profile
+from tightwad_core.http.server import Running, serve_profile
 
 
 def engine(name: str = "llama-server") -> Path:
@@ -90,7 +90,7 @@ def llama_server_binary() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tightwad_core.tinymodels import write_tiny_model
+    from tightwad_core.testing.tinymodels import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf", seed=1)
 

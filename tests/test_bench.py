@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tightwad_core.bench import PROMPTS_FILE, BenchError, load_prompts, run_bench
-from tightwad_core.bench_report import (DirectRun, Divergence, ProxyRun, align_gaps, build_report,
+from tightwad_core.bench.run import PROMPTS_FILE, BenchError, load_prompts, run_bench
+from tightwad_core.bench.report import (DirectRun, Divergence, ProxyRun, align_gaps, build_report,
                                         divergence_index, make_row)
-from tightwad_core.cli_bench import bench
-from tightwad_core.linkemu import LinkSpec
-from tightwad_core.profiles import BackendConfig, Profile, SpeculationConfig
-from tightwad_core.tinymodels import tiny_pair
+from tightwad_core.cli.bench import bench
+from tightwad_core.bench.link import LinkSpec
+from tightwad_core.config.profiles import BackendConfig, Profile, SpeculationConfig
+from tightwad_core.testing.tinymodels import tiny_pair
 
 PROMPTS = ["the cat sat on", "hello world", "once upon a time there", "a b c d e f"]
 MAX_TOKENS = 24
@@ -108,7 +108,7 @@ async def test_link_is_in_both_paths(pair: tuple[Path, Path], tmp_path: Path) ->
 async def test_a_divergence_is_located(pair: tuple[Path, Path], tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A proxy answer that differs from the target's: where, and how close the call was."""
-    from tightwad_core import bench as bench_mod
+    from tightwad_core.bench import run as bench_mod
 
     real = bench_mod._Sides.proxy
 

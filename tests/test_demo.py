@@ -16,8 +16,8 @@ import openai
 import pytest
 
 from conftest import qwen
-from tightwad_core import catalog
-from tightwad_core.procs import free_port
+from tightwad_core.runtime import catalog
+from tightwad_core.runtime.procs import free_port
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import click
 import msgspec
 import pytest
 
-from tightwad_core.cli import main
+from tightwad_core.cli.main import main
 from tightwad_core.plugins import load_registry, new_plugin_manager
-from tightwad_core.profiles import (BackendConfig, ConfigError, Profile, SpeculationConfig, load_file,
+from tightwad_core.config.profiles import (BackendConfig, ConfigError, Profile, SpeculationConfig, load_file,
                                     load_profile)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,9 +18,9 @@ import pytest
 import trio
 from click.testing import CliRunner
 
-from tightwad_core import linkemu
-from tightwad_core.cli_link import link, parse_address
-from tightwad_core.linkemu import LinkHandle, LinkSpec, parse_bandwidth, parse_delay, serve_link
+from tightwad_core.bench import link as linkemu
+from tightwad_core.cli.link import link, parse_address
+from tightwad_core.bench.link import LinkHandle, LinkSpec, parse_bandwidth, parse_delay, serve_link
 
 
 async def start_server(nursery: trio.Nursery,
@@ -324,7 +324,7 @@ def test_cli_port_in_use_is_one_line() -> None:
 
 async def test_cli_relays_until_ctrl_c(nursery: trio.Nursery) -> None:
     port = await start_server(nursery, echo)
-    argv = [sys.executable, "-c", "from tightwad_core.cli_link import link; link()",
+    argv = [sys.executable, "-c", "from tightwad_core.cli.link import link; link()",
             "--to", f"127.0.0.1:{port}", "--delay", "10ms"]
     proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = b""

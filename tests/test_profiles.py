@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from tightwad_core.profiles import ConfigError, find_config, load_profile, parse_listen
+from tightwad_core.config.profiles import ConfigError, find_config, load_profile, parse_listen
 
 GOOD_TARGET = '[profiles.p.target]\nbackend = "llama-server"\nurl = "http://127.0.0.1:8080"\n'
 

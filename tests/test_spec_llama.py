@@ -9,8 +9,8 @@ import pytest
 import trio
 
 from conftest import start_proxy
-from tightwad_core.profiles import BackendConfig, Profile, SpeculationConfig
-from tightwad_core.tinymodels import tiny_pair
+from tightwad_core.config.profiles import BackendConfig, Profile, SpeculationConfig
+from tightwad_core.testing.tinymodels import tiny_pair
 
 PROMPTS = ["the cat sat on", "hello world", "once upon a time there", "a b c d e f", "question answer"]
 

@@ -7,7 +7,7 @@ import pytest
 
 from tightwad_core.spec.draftlen import DraftLength, expected_tokens
 from tightwad_core.spec.emitter import Emitter
-from tightwad_core.spec.sampling import accept_greedy, accept_sampled
+from tightwad_core.spec.accept import accept_greedy, accept_sampled
 
 # token i stands for these bytes; 9 and 10 split one UTF-8 character (é = c3 a9)
 PIECES = {1: b"Hel", 2: b"lo", 3: b" wor", 4: b"ld", 5: b"!", 6: b"\n", 7: b"EN", 8: b"D",

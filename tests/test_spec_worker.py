@@ -13,8 +13,8 @@ import pytest
 import trio
 
 from conftest import start_proxy
-from tightwad_core.profiles import BackendConfig, Profile, SpeculationConfig
-from tightwad_core.tinymodels import tiny_pair
+from tightwad_core.config.profiles import BackendConfig, Profile, SpeculationConfig
+from tightwad_core.testing.tinymodels import tiny_pair
 
 
 @pytest.fixture(scope="module")

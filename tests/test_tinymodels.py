@@ -11,8 +11,8 @@ import gguf
 import httpx
 import pytest
 
-from tightwad_core.procs import find_engine, free_port
-from tightwad_core.tinymodels import (
+from tightwad_core.runtime.procs import find_engine, free_port
+from tightwad_core.testing.tinymodels import (
     DEFAULT_TEMPLATE,
     TinyVocab,
     greedy_agreement,

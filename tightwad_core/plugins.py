@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import pluggy
 
-from . import hookspecs
+from tightwad_core import hookspecs
 
 GROUP = "tightwad"
 KINDS = ("backends", "modes", "verifiers", "placement_strategies", "transports", "commands")

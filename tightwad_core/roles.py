@@ -8,8 +8,8 @@ from typing import Any, AsyncIterator, Protocol, runtime_checkable
 
 import trio
 
-from .profiles import BackendConfig, Profile
-from .records import Delta, GenRequest, Health, Result
+from tightwad_core.config.profiles import BackendConfig, Profile
+from tightwad_core.records import Delta, GenRequest, Health, Result
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from tightwad_core.procs import find_engine, free_port
+from tightwad_core.runtime.procs import find_engine, free_port
 
 
 def start_llama_server(model: Path, log: Path, parallel: int) -> tuple[subprocess.Popen[bytes], str]:
@@ -99,7 +99,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     if args.model:
         model = Path(args.model)
     else:
-        from tightwad_core.tinymodels import write_tiny_model
+        from tightwad_core.testing.tinymodels import write_tiny_model
 
         model = write_tiny_model(tmp / "tiny.gguf", seed=3)
     proc, direct = await trio.to_thread.run_sync(start_llama_server, model, tmp / "llama-server.log",

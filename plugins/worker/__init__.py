@@ -11,6 +11,6 @@ from tightwad_core.hookspecs import hookimpl
 
 @hookimpl
 def register_commands(register: Callable[..., None]) -> None:
-    from .cli import worker_command
+    from tightwad_plugins.worker.cli import worker_command
 
     register(worker_command)

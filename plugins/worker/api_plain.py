@@ -13,13 +13,13 @@ from typing import Any
 import msgspec
 from quart import Blueprint, Response, current_app, request
 
-from tightwad_core.api_common import check_messages, check_stop, decode_body, new_id
+from tightwad_core.http.common import check_messages, check_stop, decode_body, new_id
 from tightwad_core.errors import BadRequest, TightwadError, UnsupportedParam
 from tightwad_core.spec.interfaces import SamplingParams
 
-from .engine import Engine
-from .generate import Chunk, GenOptions, TokenLP, generate
-from .protocol import MAX_TOP_LOGPROBS, check_tokens
+from tightwad_plugins.worker.engine import Engine
+from tightwad_plugins.worker.generate import Chunk, GenOptions, TokenLP, generate
+from tightwad_plugins.worker.protocol import MAX_TOP_LOGPROBS, check_tokens
 
 bp = Blueprint("worker_plain", __name__)
 _enc = msgspec.json.Encoder()

@@ -13,11 +13,11 @@ from quart import Response, current_app, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from tightwad_core.api_common import decode_body
+from tightwad_core.http.common import decode_body
 from tightwad_core.errors import BadRequest, PayloadTooLarge, TightwadError, Unauthorized
 
-from .engine import Engine
-from .protocol import (DetokenizeBody, DraftRequest, TemplateBody, TokenizeBody, VerifyRequest,
+from tightwad_plugins.worker.engine import Engine
+from tightwad_plugins.worker.protocol import (DetokenizeBody, DraftRequest, TemplateBody, TokenizeBody, VerifyRequest,
                        check_tokens)
 
 log = logging.getLogger("tightwad.worker")
@@ -45,7 +45,7 @@ def _check_auth(api_key: str | None, header: str | None) -> None:
 
 def create_worker_app(eng: Engine, api_key: str | None = None, max_body_bytes: int = 8 << 20,
                       max_tokens_limit: int = 4096) -> QuartTrio:
-    from . import api_plain
+    from tightwad_plugins.worker import api_plain
 
     app = QuartTrio("tightwad-worker")
     app.config["WORKER_ENGINE"] = eng

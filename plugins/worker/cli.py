@@ -15,10 +15,10 @@ import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve as hyper_serve
 
-from tightwad_core.profiles import is_loopback
+from tightwad_core.config.profiles import is_loopback
 
-from .app import create_worker_app
-from .engine import Engine
+from tightwad_plugins.worker.app import create_worker_app
+from tightwad_plugins.worker.engine import Engine
 
 log = logging.getLogger("tightwad.worker")
 
@@ -124,7 +124,7 @@ def worker_command(model_ref: str, host: str, port: int, slots: int, ctx: int,
                    max_tokens_limit: int, verbose: bool) -> None:
     """Serve one model for speculative decoding: each verify request checks K
     draft tokens in one forward pass on a KV cache kept per session."""
-    from tightwad_core.catalog import resolve_model
+    from tightwad_core.runtime.catalog import resolve_model
 
     try:
         model = resolve_model(model_ref)

@@ -21,11 +21,11 @@ import trio
 
 from tightwad_core.errors import BadRequest
 
-from . import rejection
-from .model import Model
-from .protocol import (MAX_DRAFT, MAX_Q_SUPPORT, ContextFull, DraftRequest, DraftResponse,
+from tightwad_plugins.worker import rejection
+from tightwad_plugins.worker.model import Model
+from tightwad_plugins.worker.protocol import (MAX_DRAFT, MAX_Q_SUPPORT, ContextFull, DraftRequest, DraftResponse,
                        SessionConflict, VerifyRequest, VerifyResponse, check_sampling, check_tokens)
-from .sessions import Session, SessionTable, Slot
+from tightwad_plugins.worker.sessions import Session, SessionTable, Slot
 
 log = logging.getLogger("tightwad.worker")
 T = TypeVar("T")

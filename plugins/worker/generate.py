@@ -21,10 +21,10 @@ import numpy as np
 
 from tightwad_core.spec.interfaces import SamplingParams
 
-from . import rejection
-from .engine import Engine
-from .protocol import ContextFull
-from .sessions import Session
+from tightwad_plugins.worker import rejection
+from tightwad_plugins.worker.engine import Engine
+from tightwad_plugins.worker.protocol import ContextFull
+from tightwad_plugins.worker.sessions import Session
 
 
 @dataclass(frozen=True)

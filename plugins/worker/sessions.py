@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import trio
 
-from .model import Context
-from .protocol import SessionNotFound, WorkerBusy
+from tightwad_plugins.worker.model import Context
+from tightwad_plugins.worker.protocol import SessionNotFound, WorkerBusy
 
 log = logging.getLogger("tightwad.worker")
 

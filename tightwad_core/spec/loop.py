@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..errors import BackendError
-from ..records import Delta, Usage
-from .draftlen import DraftLength
-from .emitter import Emitter
-from .interfaces import Drafter, Proposal, SamplingParams, TargetText, Verifier
+from tightwad_core.errors import BackendError
+from tightwad_core.records import Delta, Usage
+from tightwad_core.spec.draftlen import DraftLength
+from tightwad_core.spec.emitter import Emitter
+from tightwad_core.spec.interfaces import Drafter, Proposal, SamplingParams, TargetText, Verifier
 
 log = logging.getLogger("tightwad.spec")
 

@@ -13,7 +13,7 @@ from typing import Any
 import trio
 
 from tightwad_core.errors import UnsupportedParam
-from tightwad_core.profiles import BackendConfig
+from tightwad_core.config.profiles import BackendConfig
 from tightwad_core.records import Delta, GenRequest, Health, Result, Usage
 from tightwad_core.roles import BackendContext
 

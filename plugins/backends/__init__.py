@@ -1,0 +1,1 @@
+"""Backends: the model servers a profile's target and draft run on."""

@@ -1,0 +1,1 @@
+"""Serving modes: `direct` relays, `speculative` drafts and verifies."""

@@ -1,0 +1,196 @@
+"""Speculation against a stock llama-server: the `prefix-batch` and
+`generate-compare` verifiers and the llama-server drafter.
+
+prefix-batch: the K+1 prefixes (context, context + d1, ..., context + d1..dK)
+go in ONE `/completion` request with `n_predict: 1`; the server answers the
+target's next token after each. Exact, one round trip, but K+1 sequences of
+compute (cheap on a GPU, costly on a CPU). Prompt caching keeps the shared
+prefix from being recomputed in every slot it lands in.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from tightwad_core.errors import BackendError
+from tightwad_core.hookspecs import hookimpl
+from tightwad_core.http.wire import post_json
+from tightwad_core.spec.interfaces import Proposal, SamplingParams, Verdict
+from tightwad_core.spec.accept import accept_greedy, accept_sampled
+
+#: Largest distribution support that llama-server reports per position.
+MAX_PROBS = 64
+
+
+def sampler_fields(s: SamplingParams, n_probs: int) -> dict[str, Any]:
+    """llama-server request fields for exactly our sampler (its extra samplers off)."""
+    if s.greedy:
+        return {"temperature": 0.0, "n_probs": n_probs}
+    return {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "min_p": 0.0,
+            "typical_p": 1.0, "repeat_penalty": 1.0, "n_probs": n_probs, "post_sampling_probs": True,
+            "samplers": ["top_k", "top_p", "temperature"]}
+
+
+def probs_row(step: dict[str, Any]) -> tuple[dict[int, float], bool]:
+    """A position's post-sampling distribution and whether it is complete."""
+    row = {int(t["id"]): float(t["prob"]) for t in step.get("top_probs") or ()}
+    return row, abs(sum(row.values()) - 1.0) < 2e-3
+
+
+def gap(step: dict[str, Any]) -> float | None:
+    top = step.get("top_logprobs") or []
+    if len(top) < 2:
+        return None
+    return float(top[0]["logprob"]) - float(top[1]["logprob"])
+
+
+def _rng(s: SamplingParams) -> np.random.Generator:
+    return np.random.default_rng(s.seed)
+
+
+class _Session:
+    def __init__(self, backend: Any, prompt: list[int], sampling: SamplingParams) -> None:
+        self.backend = backend
+        self.ctx = list(prompt)
+        self.sampling = sampling
+        self.rng = _rng(sampling)
+
+    def advance(self, proposal: Proposal, verdict: Verdict) -> Verdict:
+        self.ctx += proposal.tokens[: verdict.accepted] + [verdict.token] + verdict.extra
+        return verdict
+
+    def seed(self) -> int:
+        return int(self.rng.integers(0, 2**31 - 1))
+
+    async def aclose(self) -> None:
+        return None
+
+
+class PrefixBatchSession(_Session):
+    async def verify(self, proposal: Proposal) -> Verdict:
+        t0 = time.perf_counter()
+        d = proposal.tokens
+        prompts = [self.ctx + d[:i] for i in range(len(d) + 1)]
+        s = self.sampling
+        n_probs = 2 if s.greedy else (s.top_k if 0 < s.top_k <= MAX_PROBS else MAX_PROBS)
+        body = {"prompt": prompts if len(prompts) > 1 else prompts[0], "n_predict": 1,
+                "cache_prompt": True, "return_tokens": True, "seed": self.seed(),
+                **sampler_fields(s, n_probs)}
+        data = await post_json(self.backend.client, "/completion", body, self.backend.where)
+        results = data if isinstance(data, list) else [data]
+        results = sorted(results, key=lambda r: r.get("index", 0))
+        if len(results) != len(prompts):
+            raise BackendError(f"{self.backend.where} answered {len(results)} of {len(prompts)} prefixes")
+        steps = [(r.get("completion_probabilities") or [{}])[0] for r in results]
+        own = [int((r.get("tokens") or [-1])[0]) for r in results]
+        if s.greedy:
+            argmax = [int(st.get("id", t)) if st else t for st, t in zip(steps, own)]
+            accepted, token = accept_greedy(argmax, d)
+            gaps = [g for g in (gap(st) for st in steps[: accepted + 1]) if g is not None]
+            return self.advance(proposal, Verdict(accepted=accepted, token=token, gaps=gaps or None,
+                                                  seconds=time.perf_counter() - t0))
+        rows = [probs_row(st) for st in steps]
+        if all(complete for _, complete in rows):
+            accepted, token = accept_sampled([r for r, _ in rows], proposal.q, d, self.rng)
+        else:  # support wider than reported: keep the target's own sample at the first position
+            accepted, token = 0, own[0]
+        return self.advance(proposal, Verdict(accepted=accepted, token=token,
+                                              seconds=time.perf_counter() - t0))
+
+
+class PrefixBatchVerifier:
+    rung = "prefix-batch"
+    exact = True
+    one_pass = True
+    label = "prefix-batch: exact; K+1 prefixes checked in one request (K+1 sequences of compute)"
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+
+    async def open(self, prompt: list[int], sampling: SamplingParams) -> PrefixBatchSession:
+        return PrefixBatchSession(self.backend, prompt, sampling)
+
+
+class GenerateCompareSession(_Session):
+    """The target generates K+1 tokens itself; the draft is only compared."""
+
+    async def verify(self, proposal: Proposal) -> Verdict:
+        t0 = time.perf_counter()
+        s = self.sampling
+        body = {"prompt": self.ctx, "n_predict": len(proposal.tokens) + 1, "cache_prompt": True,
+                "return_tokens": True, "seed": self.seed(), **sampler_fields(s, 0)}
+        body.pop("n_probs", None)
+        body.pop("post_sampling_probs", None)
+        data = await post_json(self.backend.client, "/completion", body, self.backend.where)
+        own = [int(t) for t in data.get("tokens") or ()]
+        if data.get("stop_type") == "eos" and len(own) <= len(proposal.tokens):
+            own.append(self.backend.eos_token)
+        if not own:
+            own = [self.backend.eos_token]
+        accepted = 0
+        while accepted < min(len(proposal.tokens), len(own) - 1) and proposal.tokens[accepted] == own[accepted]:
+            accepted += 1
+        v = Verdict(accepted=accepted, token=own[accepted], extra=own[accepted + 1:],
+                    seconds=time.perf_counter() - t0)
+        return self.advance(proposal, v)
+
+
+class GenerateCompareVerifier(PrefixBatchVerifier):
+    rung = "generate-compare"
+    one_pass = False
+    label = ("generate-compare: correct output, NO speed-up: the target generates every token "
+             "itself and the draft is only compared")
+
+    async def open(self, prompt: list[int], sampling: SamplingParams) -> GenerateCompareSession:  # type: ignore[override]
+        return GenerateCompareSession(self.backend, prompt, sampling)
+
+
+class LlamaServerDrafter:
+    """Draft tokens from a llama-server with the target's vocabulary."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.name = f"llama-server at {backend.base_url}"
+        self._rng = np.random.default_rng()
+
+    async def propose(self, context: list[int], k: int, sampling: SamplingParams) -> Proposal:
+        t0 = time.perf_counter()
+        if sampling.greedy:
+            fields = sampler_fields(sampling, 0)
+            fields.pop("n_probs")
+        else:
+            # Any q is exact as long as it is what the draft sampled from: cap its
+            # support so the server reports all of it.
+            top_k = min(sampling.top_k or MAX_PROBS, MAX_PROBS)
+            fields = sampler_fields(SamplingParams(temperature=sampling.temperature, top_k=top_k,
+                                                   top_p=sampling.top_p), top_k)
+        # a request's seed makes its drafts reproducible too (same context, same proposal)
+        seed = (int(self._rng.integers(0, 2**31 - 1)) if sampling.seed is None
+                else (sampling.seed * 1_000_003 + len(context)) % (2**31 - 1))
+        body = {"prompt": context, "n_predict": k, "cache_prompt": True, "return_tokens": True,
+                "seed": seed, **fields}
+        data = await post_json(self.backend.client, "/completion", body, self.backend.where)
+        tokens = [int(t) for t in data.get("tokens") or ()][:k]
+        q = None
+        if not sampling.greedy:
+            # llama-server may leave out the entry of a token that ends inside a
+            # UTF-8 character; a token whose q we do not have cannot be proposed
+            # exactly, so the proposal stops at the first missing or misaligned one
+            steps = data.get("completion_probabilities") or []
+            q = []
+            for t, st in zip(tokens, steps):
+                row = probs_row(st)[0]
+                if int(st.get("id", -1)) != t or row.get(t, 0.0) <= 0.0:
+                    break
+                q.append(row)
+            tokens = tokens[: len(q)]
+        return Proposal(tokens=tokens, q=q, seconds=time.perf_counter() - t0)
+
+
+@hookimpl
+def register_verifiers(register):  # type: ignore[no-untyped-def]
+    register("prefix-batch", PrefixBatchVerifier)
+    register("generate-compare", GenerateCompareVerifier)

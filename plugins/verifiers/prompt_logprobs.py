@@ -1,0 +1,141 @@
+"""Speculation against any OpenAI-compatible server: the `prompt-logprobs`
+verifier (servers that return log-probabilities for prompt positions, such as
+vLLM with `echo` + `logprobs`, or a Tightwad worker) and the text drafter
+(any server that completes text; its proposal is re-tokenized with the
+target's tokenizer)."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from tightwad_core.errors import BackendError
+from tightwad_core.hookspecs import hookimpl
+from tightwad_core.http.wire import post_json
+from tightwad_core.records import GenRequest
+from tightwad_core.spec.interfaces import Proposal, SamplingParams, TargetText, Verdict
+from tightwad_core.spec.accept import accept_greedy, accept_sampled
+
+TOP_N = 20  # log-probabilities asked for per position (vLLM's usual maximum)
+
+
+def _tid(key: str) -> int:
+    if not key.startswith("token_id:"):
+        raise BackendError(f"expected token ids in logprobs (token_id:N), got {key!r}; "
+                           "the server must support return_tokens_as_token_ids")
+    return int(key[9:])
+
+
+def _row(top: dict[str, float] | None, s: SamplingParams) -> tuple[dict[int, float], bool]:
+    """Target distribution at a position from its top log-probs; exact only
+    when top_k keeps no more tokens than were reported."""
+    if not top:
+        return {}, False
+    items = sorted(((_tid(k), v) for k, v in top.items()), key=lambda kv: -kv[1])
+    if not 0 < s.top_k <= len(items):
+        return {}, False
+    items = items[: s.top_k]
+    w = np.array([v / s.temperature for _, v in items])
+    p = np.exp(w - w.max())
+    p /= p.sum()
+    if s.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(p), s.top_p) + 1)
+        p = p[:keep] / p[:keep].sum()
+        items = items[:keep]
+    return {t: float(x) for (t, _), x in zip(items, p)}, True
+
+
+class PromptLogprobsSession:
+    def __init__(self, backend: Any, prompt: list[int], sampling: SamplingParams) -> None:
+        self.backend = backend
+        self.ctx = list(prompt)
+        self.s = sampling
+        self.rng = np.random.default_rng(sampling.seed)
+
+    async def _complete(self, prompt: list[int], echo: bool) -> dict[str, Any]:
+        s = self.s
+        body: dict[str, Any] = {"prompt": prompt, "max_tokens": 1, "echo": echo,
+                                "logprobs": 2 if s.greedy else TOP_N, "return_tokens_as_token_ids": True,
+                                "temperature": s.temperature, "seed": int(self.rng.integers(0, 2**31 - 1))}
+        if not s.greedy:
+            body.update(top_p=s.top_p, top_k=s.top_k or -1)
+        if self.backend.config.model:
+            body["model"] = self.backend.config.model
+        data = await post_json(self.backend.client, "/v1/completions", body, self.backend.where)
+        try:
+            return data["choices"][0]["logprobs"]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise BackendError(f"{self.backend.where} returned no logprobs") from exc
+
+    async def verify(self, proposal: Proposal) -> Verdict:
+        t0 = time.perf_counter()
+        d = proposal.tokens
+        n = len(self.ctx)
+        lp = await self._complete(self.ctx + d, echo=True)
+        tokens, tops = lp.get("tokens") or [], lp.get("top_logprobs") or []
+        if len(tokens) < n + len(d) + 1 or len(tops) < n + len(d) + 1:
+            raise BackendError(f"{self.backend.where} returned logprobs for {len(tokens)} of "
+                               f"{n + len(d) + 1} positions (does it support echo?)")
+        positions = tops[n: n + len(d) + 1]
+        gaps = None
+        if self.s.greedy:
+            argmax = [_tid(max(t, key=t.get)) for t in positions[:-1]] + [_tid(tokens[n + len(d)])]
+            accepted, token = accept_greedy(argmax, d)
+            gaps = []
+            for t in positions[: accepted + 1]:
+                vals = sorted(t.values(), reverse=True)
+                if len(vals) >= 2 and math.isfinite(vals[1]):
+                    gaps.append(vals[0] - vals[1])
+        else:
+            rows = [_row(t, self.s) for t in positions]
+            if all(ok for _, ok in rows):
+                accepted, token = accept_sampled([r for r, _ in rows], proposal.q, d, self.rng)
+            else:  # the reported support may be too narrow: take the target's own sample
+                own = await self._complete(self.ctx, echo=False)
+                accepted, token = 0, _tid(own["tokens"][0])
+        self.ctx += d[:accepted] + [token]
+        return Verdict(accepted=accepted, token=token, gaps=gaps or None, seconds=time.perf_counter() - t0)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class PromptLogprobsVerifier:
+    rung = "prompt-logprobs"
+    exact = True
+    one_pass = True
+    label = "prompt-logprobs: exact; one request per round returns the target's choice at every draft position"
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+
+    async def open(self, prompt: list[int], sampling: SamplingParams) -> PromptLogprobsSession:
+        return PromptLogprobsSession(self.backend, prompt, sampling)
+
+
+class TextDrafter:
+    """A draft that only speaks text: it continues the context's text and the
+    target's tokenizer turns its answer into ids. Its proposals are
+    deterministic, which rejection sampling handles as q = one-hot."""
+
+    def __init__(self, backend: Any, target: TargetText) -> None:
+        self.backend = backend
+        self.target = target
+        self.name = f"{backend.kind} (text) at {getattr(backend, 'base_url', '?')}"
+
+    async def propose(self, context: list[int], k: int, sampling: SamplingParams) -> Proposal:
+        t0 = time.perf_counter()
+        text = b"".join(self.target.piece(t) for t in context).decode("utf-8", "replace")
+        req = GenRequest(kind="completion", prompt=text, max_tokens=k, temperature=0.0)
+        result = await self.backend.generate(req)
+        ids = (await self.target.tokenize(result.text, special=False))[:k] if result.text else []
+        return Proposal(tokens=ids, q=[{t: 1.0} for t in ids] if not sampling.greedy else None,
+                        seconds=time.perf_counter() - t0)
+
+
+@hookimpl
+def register_verifiers(register):  # type: ignore[no-untyped-def]
+    register("prompt-logprobs", PromptLogprobsVerifier)

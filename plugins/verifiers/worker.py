@@ -1,0 +1,130 @@
+"""The `worker` verifier: one request per round to a Tightwad worker, which
+evaluates only the new tokens in one batch against the KV cache it keeps for
+the session, rolls back rejected positions, and answers the verdict.
+
+Protocol (see docs/worker.md): POST /v1/tightwad/verify with the session,
+`past` (tokens accepted and already in its cache), the new `tokens` (the last
+round's target token, then the K draft tokens), `draft` = K, the sampler and
+the draft's q; the answer is `accepted`, `token`, `gaps` and `engine_ms`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import httpx
+import msgspec
+import trio
+
+from tightwad_core.errors import BackendError, BackendUnavailable
+from tightwad_core.hookspecs import hookimpl
+from tightwad_core.http.wire import post_json
+from tightwad_core.spec.interfaces import Proposal, SamplingParams, Verdict
+
+log = logging.getLogger("tightwad.worker")
+
+
+class WorkerSession:
+    def __init__(self, backend: Any, prompt: list[int], sampling: SamplingParams) -> None:
+        self.backend = backend
+        self.sampling = msgspec.to_builtins(sampling)
+        self.session: str | None = None
+        self.past = 0
+        self.pending = list(prompt)  # accepted tokens the worker has not evaluated yet
+        self.closed = False
+
+    async def verify(self, proposal: Proposal) -> Verdict:
+        t0 = time.perf_counter()
+        body = {"session": self.session, "past": self.past, "tokens": self.pending + proposal.tokens,
+                "draft": len(proposal.tokens), "sampling": self.sampling,
+                "q": [{str(t): p for t, p in row.items()} for row in (proposal.q or [])]
+                if self.sampling["temperature"] > 0 else None}
+        data = await post_json(self.backend.client, "/v1/tightwad/verify", body, self.backend.where)
+        try:
+            self.session = data["session"]
+            accepted, token = int(data["accepted"]), int(data["token"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BackendError(f"{self.backend.where} sent a malformed verdict") from exc
+        if not 0 <= accepted <= len(proposal.tokens):
+            raise BackendError(f"{self.backend.where} accepted {accepted} of {len(proposal.tokens)}")
+        self.past += len(self.pending) + accepted
+        self.pending = [token]
+        engine = data.get("engine_ms")
+        return Verdict(accepted=accepted, token=token, gaps=data.get("gaps"),
+                       seconds=time.perf_counter() - t0,
+                       engine_seconds=None if engine is None else float(engine) / 1000)
+
+    async def aclose(self) -> None:
+        if self.closed or self.session is None:
+            return
+        self.closed = True
+        try:
+            with trio.move_on_after(2):
+                await self.backend.client.delete(f"/v1/tightwad/sessions/{self.session}")
+        except httpx.HTTPError as exc:
+            log.debug("could not free worker session %s: %s", self.session, exc)
+
+
+class WorkerVerifier:
+    rung = "worker"
+    exact = True
+    one_pass = True
+    label = "worker: exact; K tokens verified in one forward pass, KV cache kept per session"
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+
+    async def open(self, prompt: list[int], sampling: SamplingParams) -> WorkerSession:
+        if self.backend.client is None:
+            raise BackendUnavailable("the worker is not started")
+        return WorkerSession(self.backend, prompt, sampling)
+
+
+@hookimpl
+def register_verifiers(register):  # type: ignore[no-untyped-def]
+    register("worker", WorkerVerifier)
+
+
+class WorkerDrafter:
+    """Draft tokens from a worker, keeping its KV cache across rounds.
+
+    Each proposal reuses a worker session whose cached tokens share the
+    longest prefix with the context (the previous round's rejected drafts are
+    dropped by sending a shorter `past`); concurrent requests each get their
+    own session, up to the worker's slots."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.name = f"worker at {backend.base_url}"
+        self._idle: list[tuple[str, list[int]]] = []  # (session, tokens in its KV)
+
+    def _take(self, context: list[int]) -> tuple[str | None, int]:
+        best, best_len = None, -1
+        for i, (_, kv) in enumerate(self._idle):
+            n = 0
+            limit = min(len(kv), len(context) - 1)  # at least one token must be evaluated
+            while n < limit and kv[n] == context[n]:
+                n += 1
+            if n > best_len:
+                best, best_len = i, n
+        if best is None or best_len <= 0:
+            return None, 0
+        sid, _ = self._idle.pop(best)
+        return sid, best_len
+
+    async def propose(self, context: list[int], k: int, sampling: SamplingParams) -> Proposal:
+        t0 = time.perf_counter()
+        sid, past = self._take(context)
+        body = {"session": sid, "past": past, "tokens": context[past:], "k": k,
+                "sampling": msgspec.to_builtins(sampling)}
+        data = await post_json(self.backend.client, "/v1/tightwad/draft", body, self.backend.where)
+        tokens = [int(t) for t in data.get("tokens") or ()][:k]
+        q = data.get("q")
+        if q is not None:
+            q = [{int(t): float(p) for t, p in row.items()} for row in q][: len(tokens)]
+        kv = (context + tokens)[: int(data.get("n_past", 0))]
+        self._idle.append((data["session"], kv))
+        del self._idle[:-4]  # the worker expires what we forget
+        return Proposal(tokens=tokens, q=q, seconds=time.perf_counter() - t0)

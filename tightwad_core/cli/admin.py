@@ -1,0 +1,137 @@
+"""`tightwad config`, `init`, `plugins` and `setup`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from tightwad_core.cli.main import _fail, builtin_config, config_option, main, profile_option
+from tightwad_core.config.profiles import ConfigError, find_config, load_file, load_profile, to_toml
+
+
+def _config_path(config: Path | None) -> Path:
+    path = find_config(config)
+    if not path.exists() and config is None:
+        return builtin_config()
+    return path
+
+
+@main.group()
+def config() -> None:
+    """Check and show config profiles."""
+
+
+@config.command("check")
+@config_option
+@profile_option
+@click.option("--no-files", is_flag=True, help="Do not check that model files exist.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def config_check(config: Path | None, profile: str | None, no_files: bool, as_json: bool) -> None:
+    """Validate one profile, or every profile in the file.
+
+    Exits 2 with one line naming the file, profile and field on the first error.
+    """
+    path = _config_path(config)
+    try:
+        names = [profile] if profile else sorted(load_file(path).profiles)
+        results = []
+        for name in names:
+            _, prof = load_profile(path, name, check_files=not no_files)
+            results.append({"profile": name, "mode": prof.mode, "description": prof.description})
+    except ConfigError as exc:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "file": str(path), "error": str(exc)}))
+            sys.exit(2)
+        _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps({"ok": True, "file": str(path), "profiles": results}, indent=2))
+        return
+    for r in results:
+        click.echo(f"ok  {r['profile']:<24} {r['mode']:<12} {r['description']}")
+    click.echo(f"{path}: {len(results)} profile(s) valid")
+
+
+@config.command("show")
+@config_option
+@profile_option
+def config_show(config: Path | None, profile: str | None) -> None:
+    """Print a profile as TOML after `extends` is applied and defaults filled in."""
+    path = _config_path(config)
+    try:
+        _, prof = load_profile(path, profile, check_files=False)
+    except ConfigError as exc:
+        _fail(str(exc))
+    click.echo(to_toml(prof), nl=False)
+
+
+STARTER = '''\
+# Tightwad configuration. Reference: docs/config.md
+# `tightwad config check` validates this file; `tightwad run` serves a profile.
+
+default_profile = "local"
+
+# Serve the models that `tightwad setup` fetched, launched on this machine.
+[profiles.local]
+description = "Qwen2.5-Coder 1.5B launched from the set-up cache"
+mode = "direct"
+listen = "127.0.0.1:8088"      # off loopback you must also set api_key or api_key_env
+max_tokens_limit = 4096
+
+[profiles.local.target]
+backend = "llama-server"
+model_path = "@qwen2.5-coder-1.5b"   # "@name": a model from `tightwad setup`; or a path to a .gguf
+ctx_size = 4096
+parallel = 2
+
+# Relay to a llama-server you already run elsewhere.
+[profiles.remote]
+description = "a llama-server already running on another machine"
+[profiles.remote.target]
+backend = "llama-server"
+url = "http://192.0.2.10:8080"
+'''
+
+
+@main.command()
+@click.option("--path", type=click.Path(dir_okay=False, path_type=Path), default=Path("tightwad.toml"),
+              show_default=True, help="Where to write the starter config.")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(path: Path, force: bool) -> None:
+    """Write a commented starter config."""
+    if path.exists() and not force:
+        _fail(f"{path} already exists (use --force to overwrite)")
+    text = STARTER
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    click.echo(f"wrote {path}; next: `tightwad setup`, then `tightwad run --config {path}`")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def plugins(as_json: bool) -> None:
+    """List loaded plugins: distribution, version and what each registered.
+
+    Set TIGHTWAD_LOAD_PLUGINS=a,b to load only the named entry points.
+    """
+    from tightwad_core.plugins import load_registry
+
+    reg = load_registry()
+    infos = reg.plugins()
+    if as_json:
+        click.echo(json.dumps([{"name": p.name, "distribution": p.distribution, "version": p.version,
+                                "registered": {k: list(v) for k, v in p.registered.items()}}
+                               for p in infos], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="tightwad plugins")
+    for col in ("plugin", "distribution", "version", "registers"):
+        table.add_column(col)
+    for p in infos:
+        regs = "; ".join(f"{k}: {', '.join(v)}" for k, v in p.registered.items())
+        table.add_row(p.name, p.distribution, p.version, regs)
+    Console().print(table)

@@ -1,0 +1,302 @@
+"""Typed profiles: a TOML file of named profiles that may extend one another.
+
+A file looks like::
+
+    default_profile = "demo"
+
+    [profiles.base]
+    listen = "127.0.0.1:8088"
+
+    [profiles.demo]
+    extends = "base"
+    [profiles.demo.target]
+    backend = "llama-server"
+    model_path = "@qwen2.5-coder-1.5b"
+
+Profiles are merged key by key (tables deeply) before decoding, so a child
+only names what it changes. Every error names the file, the profile and the
+field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+
+from tightwad_core.runtime.catalog import resolve_model
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message is one line for the user."""
+
+
+class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One model server the proxy talks to (a target or a draft)."""
+
+    backend: str  # plugin name: "llama-server", "openai", "ollama", ...
+    url: str | None = None  # connect to a server already running at this base URL
+    model_path: str | None = None  # GGUF to launch ("@name" = built-in model from `tightwad setup`)
+    model: str | None = None  # model name to ask the upstream server for (openai/ollama)
+    api_key: str | None = None  # bearer token for the upstream server
+    api_key_env: str | None = None  # ...or the environment variable that holds it
+    ctx_size: int = 4096  # context length of each slot of a launched server
+    parallel: int = 2  # slots of a launched llama-server (concurrent requests)
+    threads: int | None = None  # CPU threads of a launched server (default: the engine's)
+    extra_args: list[str] = []  # further command-line arguments for a launched server
+    startup_timeout: float = 180.0  # seconds to wait for a launched server to become healthy
+    request_timeout: float = 600.0  # seconds before an upstream request is abandoned
+    restart: bool = True  # restart a launched server that dies
+
+
+class SpeculationConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """How the speculative mode drafts and verifies."""
+
+    max_draft_tokens: int | str = "auto"  # K draft tokens per round, or "auto" to pick K (0 = relay) by measurement
+    k_max: int = 12  # largest K that "auto" tries
+    verifier: str = "auto"  # rung: worker, prompt-logprobs, prefix-batch, generate-compare; auto = best the target offers
+    fallback_on_draft_failure: bool = True  # a failing or slow draft lets the request go on with the target alone
+    draft_timeout: float = 5.0  # seconds one proposal may take before the round goes on without it
+
+
+class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One way of running the proxy."""
+
+    extends: str | None = None  # name of a profile whose settings this one starts from
+    description: str = ""  # one line shown by `tightwad config check`
+    mode: str = "direct"  # serving mode plugin: "direct" relays to the target
+    listen: str = "127.0.0.1:8088"  # host:port the proxy listens on
+    api_key: str | None = None  # bearer token clients must send (required off loopback)
+    api_key_env: str | None = None  # ...or the environment variable that holds it
+    served_model: str | None = None  # model name clients see (default: the target's)
+    max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
+    max_body_bytes: int = 1_048_576  # largest request body accepted
+    target: BackendConfig | None = None  # the model whose output is served
+    draft: BackendConfig | None = None  # the cheap model that proposes tokens
+    speculation: SpeculationConfig = msgspec.field(default_factory=SpeculationConfig)  # settings of the speculative mode
+
+
+class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The whole file."""
+
+    default_profile: str | None = None  # profile used when --profile is not given
+    profiles: dict[str, dict[str, Any]] = {}  # name -> raw profile table
+
+
+def find_config(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """``--config`` wins, then ``TIGHTWAD_CONFIG``, then ``./tightwad.toml``,
+    then ``~/.config/tightwad/tightwad.toml``."""
+    if explicit:
+        return Path(explicit).expanduser()
+    env = os.environ.get("TIGHTWAD_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    local = Path("tightwad.toml")
+    if local.exists():
+        return local
+    xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(xdg) / "tightwad" / "tightwad.toml"
+
+
+def _where(err: msgspec.ValidationError) -> tuple[str, str]:
+    """Split msgspec's ``"... - at `$.a.b`"`` into (message, "a.b")."""
+    text = str(err)
+    m = re.search(r" - at `\$\.?(.*)`$", text)
+    if not m:
+        return text, ""
+    return text[: m.start()], m.group(1)
+
+
+def load_file(path: Path) -> ConfigFile:
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file (run `tightwad init` to write one)")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        return msgspec.toml.decode(data, type=ConfigFile)
+    except msgspec.ValidationError as exc:
+        msg, field = _where(exc)
+        return _raise(path, None, field, msg)
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def _raise(path: Path, profile: str | None, field: str, msg: str) -> Any:
+    parts = [str(path)]
+    if profile is not None:
+        parts.append(f"profile {profile!r}")
+    if field:
+        parts.append(f"field {field!r}")
+    raise ConfigError(": ".join(parts) + f": {msg}")
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def raw_profile(cfg: ConfigFile, name: str, path: Path) -> dict[str, Any]:
+    """The profile's table after applying its ``extends`` chain."""
+    chain: list[str] = []
+    cur: str | None = name
+    while cur is not None:
+        if cur in chain:
+            _raise(path, name, "extends", f"profiles extend each other in a loop: {' -> '.join(chain + [cur])}")
+        if cur not in cfg.profiles:
+            if cur == name:
+                known = ", ".join(sorted(cfg.profiles)) or "none"
+                _raise(path, None, "", f"no profile named {name!r} (profiles: {known})")
+            _raise(path, chain[-1], "extends", f"no profile named {cur!r} to extend")
+        chain.append(cur)
+        parent = cfg.profiles[cur].get("extends")
+        if parent is not None and not isinstance(parent, str):
+            _raise(path, cur, "extends", "expected a profile name (a string)")
+        cur = parent
+    merged: dict[str, Any] = {}
+    for part in reversed(chain):
+        merged = _merge(merged, cfg.profiles[part])
+    merged.pop("extends", None)
+    return merged
+
+
+def _check_url(path: Path, profile: str, field: str, url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        _raise(path, profile, field, f"expected an http(s) URL like http://127.0.0.1:8080, got {url!r}")
+    try:
+        parts.port
+    except ValueError:
+        _raise(path, profile, field, f"bad port in URL {url!r}")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``"host:port"`` (IPv6 as ``"[::1]:8088"``) -> (host, port)."""
+    m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", value)
+    if not m:
+        raise ValueError(f"expected host:port, got {value!r}")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_backend(path: Path, profile: str, role: str, be: BackendConfig, check_files: bool) -> None:
+    where = role
+    if be.url is not None:
+        _check_url(path, profile, f"{where}.url", be.url)
+    if be.url is None and be.model_path is None:
+        _raise(path, profile, where, "needs either `url` (a running server) or `model_path` (a GGUF to launch)")
+    if be.url is not None and be.model_path is not None:
+        _raise(path, profile, where, "set `url` or `model_path`, not both")
+    for name in ("ctx_size", "parallel"):
+        if getattr(be, name) <= 0:
+            _raise(path, profile, f"{where}.{name}", "expected a positive number")
+    if be.threads is not None and be.threads <= 0:
+        _raise(path, profile, f"{where}.threads", "expected a positive number")
+    if be.model_path is not None and check_files:
+        try:
+            resolved = resolve_model(be.model_path, path.parent)
+        except ValueError as exc:
+            _raise(path, profile, f"{where}.model_path", str(exc))
+        if not resolved.is_file():
+            hint = " (run `tightwad setup` to fetch it)" if be.model_path.startswith("@") else ""
+            _raise(path, profile, f"{where}.model_path", f"model file {str(resolved)!r} does not exist{hint}")
+
+
+def load_profile(path: Path, name: str | None = None, check_files: bool = True) -> tuple[str, Profile]:
+    """Load, merge and validate one profile; returns (name, profile)."""
+    cfg = load_file(path)
+    if name is None:
+        name = cfg.default_profile
+        if name is None:
+            if len(cfg.profiles) == 1:
+                name = next(iter(cfg.profiles))
+            else:
+                known = ", ".join(sorted(cfg.profiles)) or "none"
+                _raise(path, None, "", f"name a profile with --profile (profiles: {known}) or set default_profile")
+    raw = raw_profile(cfg, name, path)
+    try:
+        prof = msgspec.convert(raw, type=Profile)
+    except msgspec.ValidationError as exc:
+        msg, field = _where(exc)
+        _raise(path, name, field, msg)
+    validate(path, name, prof, check_files)
+    return name, prof
+
+
+def validate(path: Path, name: str, prof: Profile, check_files: bool = True) -> None:
+    try:
+        host, _ = parse_listen(prof.listen)
+    except ValueError as exc:
+        _raise(path, name, "listen", str(exc))
+    if not is_loopback(host) and not (prof.api_key or prof.api_key_env):
+        _raise(path, name, "api_key", f"listening on {host} (beyond loopback) needs `api_key` or `api_key_env`")
+    if prof.max_tokens_limit <= 0:
+        _raise(path, name, "max_tokens_limit", "expected a positive number")
+    if prof.max_body_bytes < 1024:
+        _raise(path, name, "max_body_bytes", "expected at least 1024")
+    if prof.target is None:
+        _raise(path, name, "target", "every profile needs a [target] table")
+    _check_backend(path, name, "target", prof.target, check_files)
+    if prof.draft is not None:
+        _check_backend(path, name, "draft", prof.draft, check_files)
+    spec = prof.speculation
+    k = spec.max_draft_tokens
+    if isinstance(k, str) and k != "auto" or isinstance(k, int) and not 0 <= k <= 64:
+        _raise(path, name, "speculation.max_draft_tokens", f'expected "auto" or a number from 0 to 64, got {k!r}')
+    if not 1 <= spec.k_max <= 64:
+        _raise(path, name, "speculation.k_max", "expected a number from 1 to 64")
+    rungs = ("auto", "worker", "prompt-logprobs", "prefix-batch", "generate-compare")
+    if spec.verifier not in rungs:
+        _raise(path, name, "speculation.verifier", f"expected one of {', '.join(rungs)}, got {spec.verifier!r}")
+    if spec.draft_timeout <= 0:
+        _raise(path, name, "speculation.draft_timeout", "expected a positive number of seconds")
+
+
+def profile_names(path: Path) -> list[str]:
+    return sorted(load_file(path).profiles)
+
+
+def to_toml(prof: Profile) -> str:
+    """The resolved profile as TOML (TOML has no null: unset fields are left out)."""
+    import tomli_w
+
+    data = msgspec.to_builtins(prof)
+    return tomli_w.dumps(_drop_none(data))
+
+
+def _drop_none(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    return obj
+
+
+def secret(value: str | None, env: str | None) -> str | None:
+    """A token given inline or through an environment variable."""
+    if value:
+        return value
+    if env:
+        return os.environ.get(env) or None
+    return None

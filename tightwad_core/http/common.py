@@ -1,0 +1,171 @@
+"""What the OpenAI and Ollama routes share: body decoding, limits, the
+served-model check, auth, and turning mode output into text."""
+
+from __future__ import annotations
+
+import hmac
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import trio
+
+from tightwad_core.errors import BadRequest, NotFound, Unauthorized, UnsupportedParam
+from tightwad_core.config.profiles import Profile
+from tightwad_core.records import GenRequest
+from tightwad_core.roles import Backend, Mode
+
+#: Parameters that would let a request escape the proxy's limits or reach
+#: into other clients' state on a llama.cpp server; never passed on.
+DENIED_EXTRA = frozenset({"n_predict", "id_slot", "slot_id", "n_keep", "n_ctx", "n", "best_of"})
+
+
+@dataclass
+class ServerState:
+    """Everything a request handler needs; one per running proxy."""
+
+    profile_name: str
+    profile: Profile
+    mode: Mode
+    backends: dict[str, Backend]
+    api_key: str | None
+    started: float = field(default_factory=time.time)
+    _served: str | None = None
+
+    async def served_model(self) -> str:
+        if self.profile.served_model:
+            return self.profile.served_model
+        if self._served is None:
+            target = self.backends.get("target")
+            if target is None:
+                return self.profile_name
+            try:
+                with trio.fail_after(5):
+                    self._served = await target.model_name()
+            except Exception:  # noqa: BLE001 - the name is cosmetic until the target answers
+                return self.profile.target.model if self.profile.target and self.profile.target.model else self.profile_name
+        return self._served
+
+    async def check_model(self, requested: str | None) -> str:
+        served = await self.served_model()
+        if requested in (None, "", served):
+            return served
+        # Ollama clients may add the implicit ":latest" tag.
+        if requested.removesuffix(":latest") == served.removesuffix(":latest"):
+            return served
+        raise NotFound(f"model {requested!r} is not served here (this proxy serves {served!r})",
+                       param="model", code="model_not_found")
+
+    def check_auth(self, header: str | None) -> None:
+        if not self.api_key:
+            return
+        token = ""
+        if header and header[:7].lower() == "bearer ":
+            token = header[7:].strip()
+        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+            raise Unauthorized("missing or wrong bearer token (send `Authorization: Bearer <key>`)")
+
+
+def decode_body(raw: bytes, type_: type[Any]) -> Any:
+    """Decode a JSON body into a Struct; errors become 400s naming the field."""
+    if not raw.strip():
+        raise BadRequest("the request body is empty; expected a JSON object")
+    try:
+        return msgspec.json.decode(raw, type=type_)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        param = None
+        if " - at `$." in text:
+            text, _, where = text.partition(" - at `$.")
+            param = where.rstrip("`")
+        elif " - at `$`" in text:
+            text = text.partition(" - at `$`")[0]
+        raise BadRequest(f"invalid request: {text}" + (f" (field {param!r})" if param else ""),
+                         param=param) from exc
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
+
+
+def extras(raw: bytes, known: frozenset[str]) -> dict[str, Any]:
+    """Fields of the body that the typed decoder does not know."""
+    data = msgspec.json.decode(raw)
+    out = {k: v for k, v in data.items() if k not in known}
+    for name in out:
+        if name in DENIED_EXTRA:
+            raise UnsupportedParam(f"parameter {name!r} is not accepted by this proxy", param=name)
+    return out
+
+
+def check_sampling(profile: Profile, max_tokens: int | None, temperature: float | None,
+                   top_p: float | None, top_k: int | None = None) -> int:
+    """Validate common sampling parameters; returns the effective max_tokens."""
+    limit = profile.max_tokens_limit
+    if max_tokens is None:
+        max_tokens = limit
+    elif max_tokens <= 0:
+        raise BadRequest("max_tokens must be at least 1", param="max_tokens")
+    elif max_tokens > limit:
+        raise BadRequest(f"max_tokens {max_tokens} is above this proxy's limit of {limit}",
+                         param="max_tokens")
+    if temperature is not None and not 0.0 <= temperature <= 2.0:
+        raise BadRequest("temperature must be between 0 and 2", param="temperature")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise BadRequest("top_p must be in (0, 1]", param="top_p")
+    if top_k is not None and top_k < 0:
+        raise BadRequest("top_k must not be negative", param="top_k")
+    return max_tokens
+
+
+def check_stop(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else list(stop)
+    if len(items) > 16:
+        raise BadRequest("at most 16 stop sequences", param="stop")
+    if any(not s for s in items):
+        raise BadRequest("stop sequences must not be empty", param="stop")
+    return tuple(items)
+
+
+def check_messages(messages: list[dict[str, Any]]) -> None:
+    if not messages:
+        raise BadRequest("messages must not be empty", param="messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m.get("role"), str):
+            raise BadRequest(f"messages[{i}] needs a string 'role'", param=f"messages[{i}].role")
+        content = m.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise BadRequest(f"messages[{i}].content must be a string or a list of parts",
+                             param=f"messages[{i}].content")
+
+
+_line_enc = msgspec.json.Encoder()
+#: Characters JSON leaves raw but some line splitters (Python's splitlines)
+#: treat as line ends; escaped so an event is always one line.
+_SPLITTERS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+
+def json_line(obj: object) -> bytes:
+    """Compact JSON that is guaranteed to stay on one line for any client."""
+    data = _line_enc.encode(obj)
+    for raw, esc in _SPLITTERS:
+        if raw in data:
+            data = data.replace(raw, esc)
+    return data
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+async def first_and_rest(stream: AsyncIterator[Any]) -> tuple[Any, AsyncIterator[Any]]:
+    """Pull the first item so errors before any output become HTTP errors."""
+    first = await stream.__anext__()
+    return first, stream
+
+
+def make_request(kind: str, **kw: Any) -> GenRequest:
+    return GenRequest(kind=kind, **kw)  # type: ignore[arg-type]

@@ -1,0 +1,309 @@
+"""The Ollama routes that Open WebUI and the `ollama` client use: /api/chat,
+/api/generate, /api/tags, /api/show, /api/ps, /api/version. Streaming is
+NDJSON, on by default as in Ollama."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from datetime import datetime, timezone
+from typing import Any
+
+import msgspec
+from quart import Blueprint, Response, request
+
+from tightwad_core.http.common import (ServerState, check_messages, check_sampling, check_stop, decode_body,
+                         json_line)
+from tightwad_core.http.openai import state
+from tightwad_core.errors import BadRequest, TightwadError, UnsupportedParam
+from tightwad_core.records import Delta, GenRequest, Result
+
+bp = Blueprint("ollama", __name__)
+log = logging.getLogger("tightwad.api")
+_enc = msgspec.json.Encoder()
+
+#: The Ollama API version whose wire format these routes follow.
+OLLAMA_API_VERSION = "0.11.0"
+
+#: Ollama sampling options -> the llama.cpp request field they become.
+SAMPLING_OPTIONS = {
+    "repeat_penalty": "repeat_penalty",
+    "repeat_last_n": "repeat_last_n",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "min_p": "min_p",
+    "typical_p": "typical_p",
+    "mirostat": "mirostat",
+    "mirostat_tau": "mirostat_tau",
+    "mirostat_eta": "mirostat_eta",
+}
+#: Options that configure how Ollama loads a model; the proxy's backends are
+#: configured in the profile instead, so these are accepted and have no effect.
+LOAD_OPTIONS = frozenset({
+    "num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap", "use_mlock",
+    "numa", "low_vram", "vocab_only", "f16_kv", "num_keep", "penalize_newline",
+})
+HANDLED = frozenset({"num_predict", "temperature", "top_p", "top_k", "seed", "stop"})
+
+
+class ChatBody(msgspec.Struct, kw_only=True):
+    model: str
+    messages: list[dict[str, Any]] = []
+    stream: bool = True
+    options: dict[str, Any] | None = None
+    format: Any = None
+    tools: list[dict[str, Any]] | None = None
+    keep_alive: Any = None
+    think: Any = None
+
+
+class GenerateBody(msgspec.Struct, kw_only=True):
+    model: str
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+    stream: bool = True
+    options: dict[str, Any] | None = None
+    format: Any = None
+    keep_alive: Any = None
+    suffix: str | None = None
+    template: str | None = None
+    images: list[str] | None = None
+    context: list[int] | None = None
+    think: Any = None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _json(obj: object, status: int = 200) -> Response:
+    return Response(_enc.encode(obj), status=status, content_type="application/json")
+
+
+def _options(st: ServerState, options: dict[str, Any] | None, fmt: Any) -> dict[str, Any]:
+    opts = dict(options or {})
+    extra: dict[str, Any] = {}
+    for name, value in opts.items():
+        if name in HANDLED or name in LOAD_OPTIONS:
+            continue
+        if name in SAMPLING_OPTIONS:
+            extra[SAMPLING_OPTIONS[name]] = value
+        else:
+            raise UnsupportedParam(f"option {name!r} is not supported", param=f"options.{name}")
+    if fmt not in (None, ""):
+        if fmt == "json":
+            extra["response_format"] = {"type": "json_object"}
+        elif isinstance(fmt, dict):
+            extra["response_format"] = {"type": "json_schema",
+                                        "json_schema": {"name": "output", "schema": fmt}}
+        else:
+            raise BadRequest("format must be \"json\" or a JSON schema", param="format")
+    return extra
+
+
+def _typed(opts: dict[str, Any], name: str, kind: type) -> Any:
+    value = opts.get(name)
+    if value is None:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise BadRequest(f"options.{name} must be a {kind.__name__}", param=f"options.{name}")
+    return value
+
+
+def _request(st: ServerState, kind: str, options: dict[str, Any] | None, fmt: Any,
+             **kw: Any) -> GenRequest:
+    opts = options or {}
+    num_predict = _typed(opts, "num_predict", int)
+    if num_predict is not None and num_predict < 0:
+        num_predict = None  # Ollama: -1 = until the model stops (bounded by our limit)
+    stop = opts.get("stop")
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise BadRequest("options.stop must be a list of strings", param="options.stop")
+    temperature = _typed(opts, "temperature", float)
+    top_p = _typed(opts, "top_p", float)
+    top_k = _typed(opts, "top_k", int)
+    max_tokens = check_sampling(st.profile, num_predict, temperature, top_p, top_k)
+    req = GenRequest(kind=kind, max_tokens=max_tokens, temperature=temperature, top_p=top_p,  # type: ignore[arg-type]
+                     top_k=top_k, seed=_typed(opts, "seed", int), stop=check_stop(stop),
+                     extra=_options(st, options, fmt), **kw)
+    st.mode.check(req)
+    return req
+
+
+def _think(value: Any) -> None:
+    if value not in (None, False):
+        raise UnsupportedParam("think is not supported by this proxy", param="think")
+
+
+@bp.post("/api/chat")
+async def chat() -> Response:
+    st = state()
+    body = decode_body(await request.get_data(cache=False), ChatBody)
+    model = await st.check_model(body.model)
+    _think(body.think)
+    if not body.messages:  # Ollama: an empty chat loads the model
+        return _json({"model": model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
+                      "done_reason": "load", "done": True})
+    check_messages(body.messages)
+    for i, m in enumerate(body.messages):
+        if m.get("images"):
+            raise UnsupportedParam("images are not supported by this proxy", param=f"messages[{i}].images")
+    options = body.options
+    fmt = body.format
+    req = _request(st, "chat", options, fmt, messages=[_chat_message(m) for m in body.messages])
+    if body.tools:
+        req = msgspec.structs.replace(req, extra={**req.extra, "tools": body.tools})
+        st.mode.check(req)
+    return await _answer(st, req, model, body.stream, "message")
+
+
+def _chat_message(m: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in m.items() if k not in ("images", "thinking")}
+    return out
+
+
+@bp.post("/api/generate")
+async def generate() -> Response:
+    st = state()
+    body = decode_body(await request.get_data(cache=False), GenerateBody)
+    model = await st.check_model(body.model)
+    _think(body.think)
+    for name in ("suffix", "template", "images", "context"):
+        if getattr(body, name):
+            raise UnsupportedParam(f"{name} is not supported by this proxy", param=name)
+    if not body.prompt:
+        return _json({"model": model, "created_at": _now(), "response": "", "done": True,
+                      "done_reason": "load"})
+    if body.raw:
+        if body.system:
+            raise BadRequest("system cannot be combined with raw", param="system")
+        req = _request(st, "completion", body.options, body.format, prompt=body.prompt)
+    else:
+        messages = ([{"role": "system", "content": body.system}] if body.system else [])
+        messages.append({"role": "user", "content": body.prompt})
+        req = _request(st, "chat", body.options, body.format, messages=messages)
+    return await _answer(st, req, model, body.stream, "response")
+
+
+def _final(model: str, field: str, text: str, finish: str, usage: Any, t0: float) -> dict[str, Any]:
+    total = int((time.perf_counter() - t0) * 1e9)
+    out: dict[str, Any] = {"model": model, "created_at": _now()}
+    out[field] = {"role": "assistant", "content": text} if field == "message" else text
+    out.update({
+        "done": True, "done_reason": finish, "total_duration": total, "load_duration": 0,
+        "prompt_eval_count": usage.prompt_tokens if usage else 0, "prompt_eval_duration": 0,
+        "eval_count": usage.completion_tokens if usage else 0, "eval_duration": total,
+    })
+    return out
+
+
+async def _answer(st: ServerState, req: GenRequest, model: str, stream: bool, field: str) -> Response:
+    t0 = time.perf_counter()
+    if not stream:
+        r: Result = await st.mode.generate(req)
+        return _json(_final(model, field, r.text, r.finish_reason, r.usage, t0))
+    it = st.mode.stream(req)
+    first = await it.__anext__()
+    resp = Response(_lines(model, field, first, it, t0), content_type="application/x-ndjson")
+    resp.timeout = None
+    return resp
+
+
+async def _lines(model: str, field: str, first: Delta, it: AsyncIterator[Delta],
+                 t0: float) -> AsyncIterator[bytes]:
+    async with aclosing(it):
+        try:
+            delta: Delta | None = first
+            while delta is not None:
+                if delta.text:
+                    piece: dict[str, Any] = {"model": model, "created_at": _now()}
+                    piece[field] = ({"role": "assistant", "content": delta.text}
+                                    if field == "message" else delta.text)
+                    piece["done"] = False
+                    yield json_line(piece) + b"\n"
+                if delta.finish_reason is not None:
+                    yield _enc.encode(_final(model, field, "", delta.finish_reason, delta.usage, t0)) + b"\n"
+                    return
+                delta = await anext(it, None)
+        except TightwadError as exc:
+            log.warning("ollama stream failed: %s", exc.message)
+            yield _enc.encode({"error": exc.message}) + b"\n"
+
+
+async def _details(st: ServerState) -> tuple[dict[str, Any], dict[str, Any]]:
+    target = st.backends.get("target")
+    info: dict[str, Any] = {}
+    if target is not None:
+        try:
+            info = await target.model_info()
+        except TightwadError:
+            info = {}
+    name = (info.get("name") or "").lower()
+    family = "qwen2" if "qwen" in name else (name.split("-")[0] if name else "unknown")
+    quant = next((q.upper() for q in ("q4_k_m", "q4_0", "q4_1", "q5_k_m", "q6_k", "q8_0", "f16", "f32")
+                  if q in name), "unknown")
+    params = info.get("parameters")
+    psize = f"{params / 1e9:.1f}B" if isinstance(params, (int, float)) and params else "unknown"
+    details = {"parent_model": "", "format": "gguf", "family": family, "families": [family],
+               "parameter_size": psize, "quantization_level": quant}
+    return details, info
+
+
+@bp.get("/api/tags")
+async def tags() -> Response:
+    st = state()
+    name = await st.served_model()
+    details, info = await _details(st)
+    return _json({"models": [_model_entry(st, name, details, info)]})
+
+
+def _model_entry(st: ServerState, name: str, details: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "model": name,
+            "modified_at": datetime.fromtimestamp(st.started, timezone.utc).isoformat(),
+            "size": int(info.get("size") or 0),
+            "digest": hashlib.sha256(name.encode()).hexdigest(), "details": details}
+
+
+@bp.get("/api/ps")
+async def ps() -> Response:
+    st = state()
+    name = await st.served_model()
+    details, info = await _details(st)
+    entry = _model_entry(st, name, details, info)
+    entry.update({"expires_at": "0001-01-01T00:00:00Z", "size_vram": 0})
+    return _json({"models": [entry]})
+
+
+class ShowBody(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    name: str | None = None  # older clients
+    verbose: bool = False
+
+
+@bp.post("/api/show")
+async def show() -> Response:
+    st = state()
+    body = decode_body(await request.get_data(cache=False), ShowBody)
+    await st.check_model(body.model or body.name)
+    details, info = await _details(st)
+    arch = details["family"]
+    model_info: dict[str, Any] = {"general.architecture": arch}
+    if info.get("context_length"):
+        model_info[f"{arch}.context_length"] = info["context_length"]
+    if info.get("parameters"):
+        model_info["general.parameter_count"] = info["parameters"]
+    return _json({"modelfile": "", "parameters": "", "template": info.get("chat_template", ""),
+                  "details": details, "model_info": model_info,
+                  "capabilities": ["completion"],
+                  "modified_at": datetime.fromtimestamp(st.started, timezone.utc).isoformat()})
+
+
+@bp.get("/api/version")
+async def version() -> Response:
+    return _json({"version": OLLAMA_API_VERSION})

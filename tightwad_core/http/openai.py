@@ -1,0 +1,203 @@
+"""The OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+import msgspec
+from quart import Blueprint, Response, current_app, request
+
+from tightwad_core.http.common import (ServerState, check_messages, check_sampling, check_stop, decode_body,
+                         extras, json_line, new_id)
+from tightwad_core.errors import BadRequest, TightwadError
+from tightwad_core.records import Delta, GenRequest, Result
+
+bp = Blueprint("openai", __name__)
+log = logging.getLogger("tightwad.api")
+_enc = msgspec.json.Encoder()
+
+
+class ChatBody(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # an extension llama.cpp and vLLM accept
+    seed: int | None = None
+    n: int = 1
+    user: str | None = None
+
+
+class CompletionBody(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    prompt: str | list[str | int]
+    max_tokens: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # an extension llama.cpp and vLLM accept
+    seed: int | None = None
+    n: int = 1
+    user: str | None = None
+
+
+CHAT_FIELDS = frozenset(ChatBody.__struct_fields__)
+COMPLETION_FIELDS = frozenset(CompletionBody.__struct_fields__)
+
+
+def state() -> ServerState:
+    return current_app.config["TIGHTWAD_STATE"]  # type: ignore[no-any-return]
+
+
+def _usage(u: Any) -> dict[str, int]:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens}
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json_line(obj) + b"\n\n"
+
+
+async def _parse(kind: str) -> tuple[GenRequest, Any, str]:
+    st = state()
+    raw = await request.get_data(cache=False)
+    if kind == "chat":
+        body = decode_body(raw, ChatBody)
+        check_messages(body.messages)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        extra = extras(raw, CHAT_FIELDS)
+    else:
+        body = decode_body(raw, CompletionBody)
+        max_tokens = body.max_tokens
+        extra = extras(raw, COMPLETION_FIELDS)
+        prompt = body.prompt
+        if isinstance(prompt, list) and any(isinstance(p, str) for p in prompt):
+            if len(prompt) != 1 or not isinstance(prompt[0], str):
+                raise BadRequest("only one prompt per request is supported", param="prompt")
+            prompt = prompt[0]
+        elif isinstance(prompt, list) and any(p < 0 for p in prompt):  # type: ignore[operator]
+            raise BadRequest("token ids must not be negative", param="prompt")
+        if prompt == "" or prompt == []:
+            raise BadRequest("prompt must not be empty", param="prompt")
+    if body.n != 1:
+        raise BadRequest("only n=1 is supported", param="n")
+    model = await st.check_model(body.model)
+    max_tokens = check_sampling(st.profile, max_tokens, body.temperature, body.top_p, body.top_k)
+    req = GenRequest(
+        kind=kind,  # type: ignore[arg-type]
+        messages=body.messages if kind == "chat" else None,
+        prompt=None if kind == "chat" else prompt,
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        stop=check_stop(body.stop),
+        extra=extra,
+    )
+    st.mode.check(req)
+    return req, body, model
+
+
+@bp.post("/v1/chat/completions")
+async def chat_completions() -> Response:
+    return await _handle("chat")
+
+
+@bp.post("/v1/completions")
+async def completions() -> Response:
+    return await _handle("completion")
+
+
+async def _handle(kind: str) -> Response:
+    req, body, model = await _parse(kind)
+    st = state()
+    rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
+    created = int(time.time())
+    if not body.stream:
+        result = await st.mode.generate(req)
+        return Response(_enc.encode(_whole(kind, rid, created, model, result)),
+                        content_type="application/json")
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+    stream = st.mode.stream(req)
+    first = await stream.__anext__()  # errors before any output are plain HTTP errors
+    resp = Response(_events(kind, rid, created, model, first, stream, include_usage),
+                    content_type="text/event-stream")
+    resp.timeout = None
+    resp.headers["cache-control"] = "no-cache"
+    resp.headers["x-accel-buffering"] = "no"
+    return resp
+
+
+def _whole(kind: str, rid: str, created: int, model: str, r: Result) -> dict[str, Any]:
+    extra = dict(r.extra or {})
+    logprobs = extra.pop("logprobs", None)
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": r.text, **extra},
+                  "logprobs": logprobs, "finish_reason": r.finish_reason}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": r.text, "logprobs": logprobs, "finish_reason": r.finish_reason}
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": model,
+            "choices": [choice], "usage": _usage(r.usage)}
+
+
+async def _events(kind: str, rid: str, created: int, model: str, first: Delta,
+                  stream: AsyncIterator[Delta], include_usage: bool) -> AsyncIterator[bytes]:
+    chat = kind == "chat"
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    head = {"id": rid, "object": obj, "created": created, "model": model}
+
+    def chunk(text: str, finish: str | None, delta: Delta | None = None) -> bytes:
+        lp = (delta.extra or {}).get("logprobs") if delta is not None else None
+        if chat:
+            choice = {"index": 0, "delta": {"content": text} if text or finish is None else {},
+                      "logprobs": lp, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
+        return _sse({**head, "choices": [choice]})
+
+    async with aclosing(stream):
+        try:
+            if chat:
+                yield _sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                  "logprobs": None, "finish_reason": None}]})
+            delta: Delta | None = first
+            while delta is not None:
+                if delta.finish_reason is not None:
+                    yield chunk(delta.text, delta.finish_reason, delta)
+                    if include_usage and delta.usage is not None:
+                        yield _sse({**head, "choices": [], "usage": _usage(delta.usage)})
+                    break
+                if delta.text or (delta.extra or {}).get("logprobs"):
+                    yield chunk(delta.text, None, delta)
+                delta = await anext(stream, None)
+        except TightwadError as exc:
+            log.warning("stream %s failed: %s", rid, exc.message)
+            yield _sse(exc.body())
+        yield b"data: [DONE]\n\n"
+
+
+@bp.get("/v1/models")
+async def models() -> Response:
+    st = state()
+    name = await st.served_model()
+    data = {"object": "list", "data": [{
+        "id": name, "object": "model", "created": int(st.started), "owned_by": "tightwad",
+        "meta": {"profile": st.profile_name, "mode": st.mode.name,
+                 "target": getattr(st.backends.get("target"), "kind", None),
+                 "verifier": st.mode.status().get("verifier")},
+    }]}
+    return Response(_enc.encode(data), content_type="application/json")

@@ -1,0 +1,124 @@
+"""Running a profile: build its backends and mode from plugins, start them in
+one nursery, and serve the app with hypercorn until told to stop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import tempfile
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HyperConfig
+from hypercorn.trio import serve as hyper_serve
+
+from tightwad_core.http.common import ServerState
+from tightwad_core.http.app import create_app
+from tightwad_core.plugins import Registry, load_registry
+from tightwad_core.config.profiles import ConfigError, Profile, is_loopback, parse_listen, secret
+from tightwad_core.roles import Backend, BackendContext
+
+log = logging.getLogger("tightwad")
+
+
+@dataclass
+class Running:
+    """What `serve_profile` hands to ``task_status.started``."""
+
+    url: str  # base URL the proxy listens on
+    state: ServerState
+    shutdown: trio.Event  # set it to stop the proxy gracefully
+
+
+def build_backends(profile_name: str, profile: Profile, registry: Registry, config_dir: Path,
+                   run_dir: Path, roles: tuple[str, ...]) -> dict[str, Backend]:
+    backends: dict[str, Backend] = {}
+    for role in roles:
+        cfg = getattr(profile, role, None)
+        if cfg is None:
+            raise ConfigError(f"profile {profile_name!r}: mode {profile.mode!r} needs a [{role}] table")
+        try:
+            factory = registry.get("backends", cfg.backend)
+        except KeyError as exc:
+            raise ConfigError(f"profile {profile_name!r}: field '{role}.backend': {exc.args[0]}") from None
+        try:
+            backends[role] = factory(cfg, BackendContext(role=role, config_dir=config_dir, run_dir=run_dir))
+        except ConfigError as exc:
+            raise ConfigError(f"profile {profile_name!r}: {exc}") from None
+    return backends
+
+
+async def serve_profile(
+    profile_name: str,
+    profile: Profile,
+    *,
+    config_dir: Path,
+    registry: Registry | None = None,
+    listen: str | None = None,
+    run_dir: Path | None = None,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until the returned ``shutdown`` event is set or the task is cancelled."""
+    registry = registry or load_registry()
+    try:
+        mode_factory = registry.get("modes", profile.mode)
+    except KeyError as exc:
+        raise ConfigError(f"profile {profile_name!r}: field 'mode': {exc.args[0]}") from None
+    host, port = parse_listen(listen or profile.listen)
+    api_key = secret(profile.api_key, profile.api_key_env)
+    if not is_loopback(host) and not api_key:
+        raise ConfigError(f"profile {profile_name!r}: listening on {host} needs a bearer token, but "
+                          f"neither `api_key` nor the variable named by `api_key_env` is set")
+    run_dir = run_dir or Path(tempfile.mkdtemp(prefix="tightwad-run-"))
+    roles = tuple(getattr(mode_factory, "roles", ("target",)))
+    backends = build_backends(profile_name, profile, registry, config_dir, run_dir, roles)
+    shutdown = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            for role, backend in backends.items():
+                log.info("starting %s backend %s", role, backend.kind)
+                await nursery.start(backend.serve)
+                h = await backend.health()
+                if not h.ok:
+                    log.warning("%s backend (%s at %s) is not healthy yet: %s; serving anyway, "
+                                "requests fail with 503 until it is", role, backend.kind, h.url, h.detail)
+            mode = mode_factory(profile, backends)
+            starter = getattr(mode, "start", None)
+            if starter is not None:
+                await starter()
+            state = ServerState(profile_name, profile, mode, backends, api_key)
+            app = create_app(state)
+            hc = HyperConfig()
+            hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+            hc.accesslog = None
+            hc.errorlog = logging.getLogger("hypercorn.error")
+            hc.keep_alive_max_requests = 100_000
+            hc.graceful_timeout = 3.0
+            async def http(task_status: trio.TaskStatus[list[str]]) -> None:
+                await hyper_serve(app, hc, shutdown_trigger=shutdown.wait, task_status=task_status)
+                nursery.cancel_scope.cancel()  # drained: stop the backends too
+
+            binds = await nursery.start(http)
+            task_status.started(Running(binds[0], state, shutdown))
+    finally:
+        with trio.CancelScope(shield=True):
+            for backend in backends.values():
+                await backend.aclose()
+
+
+async def run_until_signal(profile_name: str, profile: Profile, *, config_dir: Path,
+                           listen: str | None = None, on_ready: Any = None) -> None:
+    """`tightwad run`: serve until SIGINT/SIGTERM, then shut down cleanly."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            running: Running = await nursery.start(
+                partial(serve_profile, profile_name, profile, config_dir=config_dir, listen=listen))
+            if on_ready is not None:
+                on_ready(running)
+            async for signum in signals:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                running.shutdown.set()
+                break

@@ -1,0 +1,161 @@
+"""Launching and supervising engine processes (llama-server, rpc-server).
+
+A `Supervised` process is started without a shell, logs to a file, is healthy
+once its health URL answers 200, is restarted (with back-off) when it dies if
+asked to, and is terminated (then killed) when its task is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+import trio
+
+from tightwad_core.runtime.catalog import engine_binary
+
+log = logging.getLogger("tightwad.procs")
+
+
+class StartupError(Exception):
+    """A launched process never became healthy; the message says why."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def find_engine(name: str) -> Path:
+    """A llama.cpp binary: ``TIGHTWAD_<NAME>`` env var, the set-up cache, then PATH."""
+    env = os.environ.get("TIGHTWAD_" + name.upper().replace("-", "_"))
+    if env:
+        return Path(env)
+    cached = engine_binary(name)
+    if cached.exists():
+        return cached
+    found = shutil.which(name)
+    if found:
+        return Path(found)
+    raise StartupError(f"{name} not found: run `tightwad setup` (or put {name} on PATH)")
+
+
+def log_tail(path: Path, lines: int = 8) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+class Supervised:
+    """One supervised child process; run `serve` in a nursery."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        health_url: str,
+        *,
+        startup_timeout: float = 180.0,
+        restart: bool = True,
+        max_backoff: float = 30.0,
+    ) -> None:
+        self.name = name
+        self.argv = [str(a) for a in argv]
+        self.log_path = log_path
+        self.health_url = health_url
+        self.startup_timeout = startup_timeout
+        self.restart = restart
+        self.max_backoff = max_backoff
+        self.healthy = False
+        self.restarts = 0
+        self.pid: int | None = None
+        self.last_exit: int | None = None
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        started = False
+        backoff = 0.5
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            with open(self.log_path, "ab") as logf:
+                proc = await trio.lowlevel.open_process(
+                    self.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            self.pid = proc.pid
+            try:
+                try:
+                    await self._wait_healthy(proc)
+                except StartupError:
+                    if not started or not self.restart:
+                        raise
+                    log.warning("%s failed to come back: %s", self.name, log_tail(self.log_path, 3))
+                else:
+                    self.healthy = True
+                    backoff = 0.5
+                    if not started:
+                        started = True
+                        task_status.started()
+                    else:
+                        log.warning("%s is back (pid %s)", self.name, proc.pid)
+                    self.last_exit = await proc.wait()
+                    self.healthy = False
+                    log.warning("%s exited with status %s", self.name, self.last_exit)
+                    if not self.restart:
+                        raise StartupError(f"{self.name} exited with status {self.last_exit}")
+            finally:
+                self.healthy = False
+                with trio.CancelScope(shield=True):
+                    await stop_process(proc)
+            self.restarts += 1
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, self.max_backoff)
+
+    async def _wait_healthy(self, proc: trio.Process) -> None:
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            with trio.move_on_after(self.startup_timeout) as scope:
+                while True:
+                    if proc.poll() is not None:
+                        raise StartupError(
+                            f"{self.name} exited with status {proc.returncode} while starting; "
+                            f"log {self.log_path}:\n{log_tail(self.log_path)}"
+                        )
+                    try:
+                        r = await client.get(self.health_url)
+                        if r.status_code == 200:
+                            return
+                    except httpx.TransportError:
+                        pass
+                    await trio.sleep(0.1)
+            if scope.cancelled_caught:
+                raise StartupError(
+                    f"{self.name} was not healthy after {self.startup_timeout:.0f}s; "
+                    f"log {self.log_path}:\n{log_tail(self.log_path)}"
+                )
+
+
+async def stop_process(proc: trio.Process, grace: float = 5.0) -> None:
+    """SIGTERM, wait up to `grace` seconds, then SIGKILL; always reaps."""
+    if proc.returncode is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        with trio.move_on_after(grace):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+    await proc.wait()

@@ -1,0 +1,2 @@
+"""Test and set-up support: tiny random-weight GGUF models that llama.cpp
+loads in seconds (`tinymodels`)."""
