@@ -250,3 +250,15 @@ def test_binding_runs_the_engines_libraries(llama_cpp_installed: None) -> None:
     for name, path in loaded.items():
         assert path.parent == lib and (lib_dir() / name).read_bytes() == path.read_bytes(), name
     assert all((lib / f"lib{n}.so").is_file() for n in LIBRARIES)
+
+
+@pytest.mark.parametrize("flags, machine, no_amx", [
+    ({"avx2", "amx_tile", "amx_int8"}, "x86_64", True),  # AMX reported: kept out of the build
+    ({"avx2", "avx512f"}, "x86_64", False),
+    ({"amx_tile"}, "aarch64", False),  # not an x86 compiler flag there
+])
+def test_cmake_flags_keep_amx_out(flags: set[str], machine: str, no_amx: bool) -> None:
+    got = engine.cmake_flags(flags, machine)
+    assert got["BUILD_SHARED_LIBS"] == "ON" and got["GGML_RPC"] == "ON"
+    assert ("-mno-amx-tile" in got.get("CMAKE_CXX_FLAGS", "")) is no_amx
+    assert got.get("CMAKE_C_FLAGS") == got.get("CMAKE_CXX_FLAGS")

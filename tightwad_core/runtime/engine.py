@@ -9,7 +9,9 @@ client share one ggml by construction, RPC protocol version included.
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -24,12 +26,38 @@ from tightwad_core.runtime.steps import SetupError, Steps, run_logged
 BINARIES = ("llama-server", "rpc-server", "llama-quantize")
 #: The libraries the binding loads by name; their sonamed copies come along.
 LIBRARIES = ("llama", "ggml", "ggml-base", "ggml-cpu", "ggml-rpc")
-CMAKE_FLAGS = {
+BASE_FLAGS = {
     "CMAKE_BUILD_TYPE": "Release", "GGML_RPC": "ON", "BUILD_SHARED_LIBS": "ON",
     "CMAKE_BUILD_WITH_INSTALL_RPATH": "ON", "CMAKE_INSTALL_RPATH": "$ORIGIN",
     "LLAMA_BUILD_TESTS": "OFF", "LLAMA_BUILD_EXAMPLES": "OFF", "LLAMA_BUILD_UI": "OFF",
     "LLAMA_USE_PREBUILT_UI": "OFF", "LLAMA_OPENSSL": "OFF", "LLAMA_CURL": "OFF",
 }
+#: Compiler flags that keep ggml's AMX kernels out of a native build: on the
+#: virtual machines we measured, the CPU reports AMX but its tile instructions
+#: fault (SIGILL in tinygemm_kernel_amx on the first quantized matmul).
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux), empty where unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def cmake_flags(flags: set[str] | None = None, machine: str | None = None) -> dict[str, str]:
+    """The configure flags for this machine (``flags``: its CPU features,
+    ``machine``: its architecture; both default to this machine's)."""
+    out = dict(BASE_FLAGS)
+    arch = (machine or platform.machine()).lower()
+    if arch in ("x86_64", "amd64") and "amx_tile" in (cpu_flags() if flags is None else flags):
+        out["CMAKE_C_FLAGS"] = out["CMAKE_CXX_FLAGS"] = NO_AMX
+    return out
 
 
 def lib_dir() -> Path:
@@ -65,12 +93,24 @@ def libraries_present() -> bool:
     return all((lib_dir() / f"lib{n}.so").is_file() for n in LIBRARIES)
 
 
-def _cmake_cache_matches(build: Path) -> bool:
+def _stamp() -> Path:
+    """Records the configure flags the installed engine was built with."""
+    return lib_dir() / "build-flags.json"
+
+
+def built_with(wanted: dict[str, str]) -> bool:
+    try:
+        return bool(json.loads(_stamp().read_text()) == wanted)
+    except (OSError, ValueError):
+        return False
+
+
+def _cmake_cache_matches(build: Path, wanted: dict[str, str]) -> bool:
     cache = build / "CMakeCache.txt"
     if not cache.is_file():
         return False
     found = dict(re.findall(r"^([A-Za-z_]+):[A-Z]+=(.*)$", cache.read_text(errors="replace"), re.M))
-    return all(found.get(k, "").upper() == v.upper() for k, v in CMAKE_FLAGS.items())
+    return all(found.get(k, "").upper() == v.upper() for k, v in wanted.items())
 
 
 def _install(built: Path, dst: Path) -> None:
@@ -84,20 +124,21 @@ def ensure_engine(steps: Steps, jobs: int) -> dict[str, str]:
     eng = catalog.engine_dir()
     paths = {n: catalog.engine_binary(n) for n in BINARIES}
     task = steps.start(f"llama.cpp {VERSION} (shared libraries and binaries)", unit="steps")
-    if libraries_present() and all(binary_ok(n, p) for n, p in paths.items()):
+    wanted = cmake_flags()
+    if built_with(wanted) and libraries_present() and all(binary_ok(n, p) for n, p in paths.items()):
         steps.finish(task, f"engine: cached in {eng / 'bin'}", worked=False)
         return {n: str(p) for n, p in paths.items()}
     t0 = time.monotonic()
     steps.update(task, description="extracting llama.cpp sources")
     tree = ensure_tree(steps)
     build = eng / "build"
-    if not _cmake_cache_matches(build):
+    if not _cmake_cache_matches(build, wanted):
         steps.update(task, description="configuring llama.cpp (cmake)")
         shutil.rmtree(build, ignore_errors=True)  # another layout's cache would fight the flags
         cmd = ["cmake", "-S", str(tree), "-B", str(build)]
         if shutil.which("ninja"):
             cmd += ["-G", "Ninja"]
-        cmd += [f"-D{k}={v}" for k, v in CMAKE_FLAGS.items()]
+        cmd += [f"-D{k}={v}" for k, v in wanted.items()]
         run_logged(cmd, eng / "cmake.log", "configuring llama.cpp")
     rpc = rpc_target(tree)
     log = eng / "build.log"
@@ -132,6 +173,7 @@ def ensure_engine(steps: Steps, jobs: int) -> dict[str, str]:
         missing = [n for n in LIBRARIES if not (out / f"lib{n}.so").is_file()]
         raise SetupError(f"the llama.cpp build did not produce lib{', lib'.join(missing)}.so "
                          f"[full log: {log}]")
+    _stamp().write_text(json.dumps(wanted, indent=1) + "\n")
     steps.finish(task, f"engine: built and installed into {out} "
                        f"in {time.monotonic() - t0:.0f}s", worked=True)
     return {n: str(p) for n, p in paths.items()}
