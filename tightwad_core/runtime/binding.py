@@ -27,6 +27,9 @@ from tightwad_core.runtime.engine import LIBRARIES, lib_dir
 from tightwad_core.runtime.sources import ensure_sdist
 from tightwad_core.runtime.steps import CHUNK, SetupError, Steps, installed, run_logged
 
+#: What the binding may load: llama.cpp and ggml, and mtmd for its multimodal chat handlers.
+BINDING_LIBRARIES = frozenset(LIBRARIES) | {"mtmd"}
+
 
 def wheels_dir() -> Path:
     """Repacked wheels, keyed by the engine they carry."""
@@ -118,7 +121,8 @@ def _requirements(wheel: Path) -> list[str]:
 
 def build_wheel(steps: Steps) -> Path:
     """Build the binding's Python-only wheel and repack it with the engine's libraries."""
-    libs = sorted(p for p in lib_dir().glob("lib*.so*") if p.is_file())
+    libs = sorted(p for p in lib_dir().glob("lib*.so*")
+                  if p.is_file() and p.name[3:].split(".so")[0] in BINDING_LIBRARIES)
     if not all((lib_dir() / f"lib{n}.so").is_file() for n in LIBRARIES):
         raise SetupError(f"the engine's shared libraries are missing from {lib_dir()}: "
                          "run `tightwad setup` with the engine step")
