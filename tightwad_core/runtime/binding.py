@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 from tightwad_core.runtime import catalog
@@ -70,6 +71,20 @@ def binding_matches_engine() -> bool:
             return False
         if ours.stat().st_size != theirs.stat().st_size or _digest(ours) != _digest(theirs):
             return False
+    return True
+
+
+def wheel_matches_engine(wheel: Path) -> bool:
+    """Whether a repacked wheel carries the libraries the engine has now (by CRC)."""
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            for name in LIBRARIES:
+                info = zf.getinfo(f"llama_cpp/lib/lib{name}.so")
+                ours = lib_dir() / f"lib{name}.so"
+                if info.file_size != ours.stat().st_size or info.CRC != zlib.crc32(ours.read_bytes()):
+                    return False
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return False
     return True
 
 
@@ -145,7 +160,7 @@ def ensure_binding(steps: Steps) -> str:
     worked = False
     wheel = cached_wheel()
     if not binding_matches_engine():
-        if wheel is None:
+        if wheel is None or not wheel_matches_engine(wheel):  # none yet, or from an older build
             steps.update(task, description="packaging llama-cpp-python around the engine")
             wheel = build_wheel(steps)
         steps.update(task, description=f"installing {wheel.name}")
