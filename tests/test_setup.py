@@ -262,3 +262,18 @@ def test_cmake_flags_keep_amx_out(flags: set[str], machine: str, no_amx: bool) -
     assert got["BUILD_SHARED_LIBS"] == "ON" and got["GGML_RPC"] == "ON"
     assert ("-mno-amx-tile" in got.get("CMAKE_CXX_FLAGS", "")) is no_amx
     assert got.get("CMAKE_C_FLAGS") == got.get("CMAKE_CXX_FLAGS")
+
+
+def test_a_wheel_from_another_build_is_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tightwad_core.runtime import binding
+
+    libs = tmp_path / "bin"
+    libs.mkdir()
+    for name in engine.LIBRARIES:
+        (libs / f"lib{name}.so").write_bytes(f"built once {name}".encode())
+    monkeypatch.setattr(binding, "lib_dir", lambda: libs)
+    pure = _wheel(tmp_path / "pure", "llama-cpp-python", "0.3.36", {})
+    wheel = binding.repack(pure, sorted(libs.iterdir()), tmp_path / "wheels")
+    assert binding.wheel_matches_engine(wheel)
+    (libs / "libggml-cpu.so").write_bytes(b"rebuilt with other flags")  # the engine changed
+    assert not binding.wheel_matches_engine(wheel)

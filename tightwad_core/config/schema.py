@@ -1,0 +1,64 @@
+"""The profile schema: what a profile table may hold, with a comment per
+field (docs/config.md is checked against these)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message is one line for the user."""
+
+
+class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One model server the proxy talks to (a target or a draft)."""
+
+    backend: str  # plugin name: "llama-server", "openai", "ollama", ...
+    url: str | None = None  # connect to a server already running at this base URL
+    model_path: str | None = None  # GGUF to launch ("@name" = built-in model from `tightwad setup`)
+    model: str | None = None  # model name to ask the upstream server for (openai/ollama)
+    api_key: str | None = None  # bearer token for the upstream server
+    api_key_env: str | None = None  # ...or the environment variable that holds it
+    ctx_size: int = 4096  # context length of each slot of a launched server
+    parallel: int = 2  # slots of a launched llama-server (concurrent requests)
+    threads: int | None = None  # CPU threads of a launched server (default: the engine's)
+    extra_args: list[str] = []  # further command-line arguments for a launched server
+    startup_timeout: float = 180.0  # seconds to wait for a launched server to become healthy
+    request_timeout: float = 600.0  # seconds before an upstream request is abandoned
+    restart: bool = True  # restart a launched server that dies
+
+
+class SpeculationConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """How the speculative mode drafts and verifies."""
+
+    max_draft_tokens: int | str = "auto"  # K draft tokens per round, or "auto" to pick K (0 = relay) by measurement
+    k_max: int = 12  # largest K that "auto" tries
+    verifier: str = "auto"  # a registered rung (worker, prompt-logprobs, prefix-batch, generate-compare, ...); auto = the best the target offers
+    fallback_on_draft_failure: bool = True  # a failing or slow draft lets the request go on with the target alone
+    draft_timeout: float = 5.0  # seconds one proposal may take before the round goes on without it
+
+
+class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One way of running the proxy."""
+
+    extends: str | None = None  # name of a profile whose settings this one starts from
+    description: str = ""  # one line shown by `tightwad config check`
+    mode: str = "direct"  # serving mode plugin: "direct" relays to the target
+    listen: str = "127.0.0.1:8088"  # host:port the proxy listens on
+    api_key: str | None = None  # bearer token clients must send (required off loopback)
+    api_key_env: str | None = None  # ...or the environment variable that holds it
+    served_model: str | None = None  # model name clients see (default: the target's)
+    max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
+    max_body_bytes: int = 1_048_576  # largest request body accepted
+    target: BackendConfig | None = None  # the model whose output is served
+    draft: BackendConfig | None = None  # the cheap model that proposes tokens
+    speculation: SpeculationConfig = msgspec.field(default_factory=SpeculationConfig)  # settings of the speculative mode
+
+
+class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The whole file."""
+
+    default_profile: str | None = None  # profile used when --profile is not given
+    profiles: dict[str, dict[str, Any]] = {}  # name -> raw profile table
