@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tightwad_core.runtime import catalog
-from tightwad_core.runtime.procs import StartupError, find_engine, free_port
 from tightwad_core.config.profiles import BackendConfig, Profile
 from tightwad_core.http.server import Running, serve_profile
+from tightwad_core.runtime import catalog
+from tightwad_core.runtime.procs import StartupError, find_engine, free_port
 
 
 def engine(name: str = "llama-server") -> Path:

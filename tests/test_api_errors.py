@@ -7,7 +7,6 @@ import json
 
 import httpx
 import pytest
-
 from conftest import relay_profile, start_proxy
 
 CHAT = "/v1/chat/completions"

@@ -10,13 +10,21 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tightwad_core.bench.run import PROMPTS_FILE, BenchError, load_prompts, run_bench
-from tightwad_core.bench.report import (DirectRun, Divergence, ProxyRun, align_gaps, build_report,
-                                        divergence_index, make_row)
-from tightwad_core.cli.bench import bench
 from tightwad_core.bench.link import LinkSpec
+from tightwad_core.bench.prompts import PROMPTS_FILE, BenchError, load_prompts
+from tightwad_core.bench.report import (
+    DirectRun,
+    Divergence,
+    ProxyRun,
+    build_report,
+    divergence_index,
+    make_row,
+)
+from tightwad_core.bench.run import run_bench
+from tightwad_core.cli.bench import bench
 from tightwad_core.config.profiles import BackendConfig, Profile, SpeculationConfig
 from tightwad_core.testing.tinymodels import tiny_pair
+from tightwad_plugins.backends.llama_wire import align_gaps
 
 PROMPTS = ["the cat sat on", "hello world", "once upon a time there", "a b c d e f"]
 MAX_TOKENS = 24

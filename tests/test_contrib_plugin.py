@@ -17,10 +17,10 @@ import httpx
 import pytest
 import trio
 
-from tightwad_core.plugins import load_registry
 from tightwad_core.config.profiles import BackendConfig, load_profile
-from tightwad_core.roles import Backend, BackendContext
 from tightwad_core.http.server import serve_profile
+from tightwad_core.plugins import load_registry
+from tightwad_core.roles import Backend, BackendContext
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "contrib" / "tightwad-example-plugin"

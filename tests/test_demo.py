@@ -14,8 +14,8 @@ import httpx
 import ollama
 import openai
 import pytest
-
 from conftest import qwen
+
 from tightwad_core.runtime import catalog
 from tightwad_core.runtime.procs import free_port
 

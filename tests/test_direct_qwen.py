@@ -7,7 +7,6 @@ import ollama
 import openai
 import pytest
 import trio
-
 from conftest import relay_profile, start_proxy
 
 PROMPTS = [

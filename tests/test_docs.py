@@ -13,9 +13,15 @@ import msgspec
 import pytest
 
 from tightwad_core.cli.main import main
+from tightwad_core.config.profiles import (
+    BackendConfig,
+    ConfigError,
+    Profile,
+    SpeculationConfig,
+    load_file,
+    load_profile,
+)
 from tightwad_core.plugins import load_registry, new_plugin_manager
-from tightwad_core.config.profiles import (BackendConfig, ConfigError, Profile, SpeculationConfig, load_file,
-                                    load_profile)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -201,3 +207,17 @@ def test_shipped_default_profiles_exist() -> None:
         if cfg.default_profile is not None:
             assert cfg.default_profile in cfg.profiles, \
                 f"{path}: default_profile {cfg.default_profile!r} is not a profile in the file"
+
+
+def test_backend_capabilities_table() -> None:
+    """docs/backends.md lists what each first-party backend declares."""
+    import re as _re
+
+    text = (DOCS / "backends.md").read_text()
+    rows = dict(_re.findall(r"^\| `([\w-]+)` \| (.+?) \|$", text, _re.M))
+    reg = load_registry()
+    for name in ("llama-server", "worker", "openai", "ollama"):
+        assert name in rows, f"docs/backends.md: no capabilities row for {name}"
+        cell = rows[name].split("(")[0]  # what follows in brackets is commentary
+        documented = set() if cell.startswith("none") else set(_re.findall(r"`([\w-]+)`", cell))
+        assert documented == set(reg.backend(name).capabilities), (name, rows[name])

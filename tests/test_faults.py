@@ -14,10 +14,10 @@ import httpx
 import msgspec
 import pytest
 import trio
-
 from conftest import ServerProc, relay_profile, start_proxy
-from tightwad_core.runtime.procs import free_port
+
 from tightwad_core.config.profiles import BackendConfig, Profile
+from tightwad_core.runtime.procs import free_port
 
 CHAT = "/v1/chat/completions"
 LONG = {"messages": [{"role": "user", "content": "count forever"}], "max_tokens": 4000,

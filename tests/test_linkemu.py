@@ -19,8 +19,8 @@ import trio
 from click.testing import CliRunner
 
 from tightwad_core.bench import link as linkemu
-from tightwad_core.cli.link import link, parse_address
 from tightwad_core.bench.link import LinkHandle, LinkSpec, parse_bandwidth, parse_delay, serve_link
+from tightwad_core.cli.link import link, parse_address
 
 
 async def start_server(nursery: trio.Nursery,

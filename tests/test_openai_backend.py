@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import httpx
 import pytest
-
 from conftest import relay_profile, start_proxy
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from tightwad_core.config.profiles import ConfigError, find_config, load_profile, parse_listen
 
@@ -134,3 +134,21 @@ def test_config_check_json_error(tmp_path: Path) -> None:
     r = _cli("config", "check", "--json", cwd=tmp_path)
     assert r.returncode == 2
     assert '"ok": false' in r.stdout and "field 'mode'" in r.stdout and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("table, field, typo", [
+    ('[profiles.p]\nmode = "speculatve"\n', "mode", "speculatve"),
+    ('[profiles.p.speculation]\nverifier = "prefix-btach"\n', "speculation.verifier", "prefix-btach"),
+    ('[profiles.p.draft]\nbackend = "llama-sever"\nurl = "http://127.0.0.1:8081"\n', "draft.backend",
+     "llama-sever"),
+])
+def test_config_check_names_plugins(tmp_path: Path, table: str, field: str, typo: str) -> None:
+    """A typo in a plugin name is caught by `config check`, with the names that exist."""
+    (tmp_path / "tightwad.toml").write_text(table + GOOD_TARGET)
+    r = _cli("config", "check", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = r.stderr.strip()
+    assert line.count("\n") == 0, line
+    assert f"field '{field}'" in line and repr(typo) in line and "profile 'p'" in line, line
+    known = {"mode": "direct", "speculation.verifier": "prefix-batch", "draft.backend": "llama-server"}
+    assert known[field] in line, line

@@ -9,16 +9,15 @@ import os
 import signal
 
 import httpx
+import msgspec
 import openai
 import pytest
 import trio
-
 from conftest import start_proxy
 from test_spec_llama import _reference, pair, spec_profile  # noqa: F401  (fixture)
+
 from tightwad_core.config.profiles import SpeculationConfig
 from tightwad_core.spec.interfaces import Proposal
-
-import msgspec
 
 
 async def _stream_text(client: httpx.AsyncClient, body: dict, on_event=None) -> tuple[str, list[dict]]:  # type: ignore[no-untyped-def]

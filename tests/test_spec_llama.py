@@ -7,8 +7,8 @@ import httpx
 import msgspec
 import pytest
 import trio
-
 from conftest import start_proxy
+
 from tightwad_core.config.profiles import BackendConfig, Profile, SpeculationConfig
 from tightwad_core.testing.tinymodels import tiny_pair
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tightwad_core.spec.accept import accept_greedy, accept_sampled
 from tightwad_core.spec.draftlen import DraftLength, expected_tokens
 from tightwad_core.spec.emitter import Emitter
-from tightwad_core.spec.accept import accept_greedy, accept_sampled
 
 # token i stands for these bytes; 9 and 10 split one UTF-8 character (é = c3 a9)
 PIECES = {1: b"Hel", 2: b"lo", 3: b" wor", 4: b"ld", 5: b"!", 6: b"\n", 7: b"EN", 8: b"D",
@@ -107,3 +107,66 @@ def test_pinned_k():
     dl = DraftLength(pinned=3)
     assert dl.k() == 3 and dl.speculate_this_request()
     assert not DraftLength(pinned=0).speculate_this_request()
+
+
+class _Target:
+    """Only what rung selection reads: a backend's kind and capabilities."""
+
+    def __init__(self, kind: str, capabilities: set[str]) -> None:
+        self.kind = kind
+        self.capabilities = frozenset(capabilities)
+
+
+WORKER_CAPS = {"tokens", "tightwad-verify", "prompt-logprobs"}
+LLAMA_CAPS = {"tokens", "llama-completion"}
+
+
+@pytest.mark.parametrize("name, kind, caps, expected", [
+    ("auto", "worker", WORKER_CAPS, "worker"),
+    ("auto", "llama-server", LLAMA_CAPS, "prefix-batch"),
+    ("auto", "openai", set(), None),  # no rung fits: relay, correct and no speed-up
+    ("auto", "ollama", set(), None),
+    ("prompt-logprobs", "worker", WORKER_CAPS, "prompt-logprobs"),
+    ("prompt-logprobs", "openai", set(), "prompt-logprobs"),  # pinnable: vLLM cannot announce it
+    ("generate-compare", "llama-server", LLAMA_CAPS, "generate-compare"),
+    ("generate-compare", "openai", set(), None),
+    ("prefix-batch", "llama-server", LLAMA_CAPS, "prefix-batch"),
+])
+def test_rung_selection(name: str, kind: str, caps: set[str], expected: str | None) -> None:
+    from tightwad_core.plugins import load_registry
+    from tightwad_plugins.modes.speculative import pick_rung
+
+    rung = pick_rung(name, _Target(kind, caps), load_registry().verifiers())
+    assert (None if rung is None else rung.rung) == expected
+
+
+@pytest.mark.parametrize("name, kind, caps, fragment", [
+    ("worker", "llama-server", LLAMA_CAPS, "'tightwad-verify'"),
+    ("prefix-batch", "openai", set(), "'llama-completion'"),
+    ("prefix-btach", "llama-server", LLAMA_CAPS, "known: auto, generate-compare, prefix-batch"),
+])
+def test_rung_refused(name: str, kind: str, caps: set[str], fragment: str) -> None:
+    from tightwad_core.config.profiles import ConfigError
+    from tightwad_core.plugins import load_registry
+    from tightwad_plugins.modes.speculative import pick_rung
+
+    with pytest.raises(ConfigError, match="verifier") as err:
+        pick_rung(name, _Target(kind, caps), load_registry().verifiers())
+    assert fragment in str(err.value)
+
+
+def test_dense_and_sparse_rows_accept_alike() -> None:
+    """One rule for both row forms: the same draws give the same verdicts."""
+    sparse = [{0: 0.5, 1: 0.3, 2: 0.2}, {1: 0.6, 3: 0.4}, {2: 1.0}]
+    dense = []
+    for row in sparse:
+        d = np.zeros(5)
+        for t, p in row.items():
+            d[t] = p
+        dense.append(d)
+    q = [{0: 0.2, 1: 0.8}, {3: 1.0}]
+    for seed in range(300):
+        for draft in ([1, 3], [0, 3], [2, 1]):
+            a = accept_sampled(sparse, q, draft, np.random.default_rng(seed))
+            b = accept_sampled(dense, q, draft, np.random.default_rng(seed))
+            assert a == b, (seed, draft)

@@ -9,10 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import qwen
-from tightwad_core.runtime import catalog
-from tightwad_core.bench.run import load_prompts, run_bench
+
+from tightwad_core.bench.prompts import load_prompts
+from tightwad_core.bench.run import run_bench
 from tightwad_core.cli.main import builtin_config
 from tightwad_core.config.profiles import load_profile
+from tightwad_core.runtime import catalog
 
 
 async def test_speculative_greedy_equals_target_alone(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ from collections import Counter
 import httpx
 import pytest
 import trio
-
 from conftest import start_proxy
+
 from tightwad_core.config.profiles import BackendConfig, Profile, SpeculationConfig
 from tightwad_core.testing.tinymodels import tiny_pair
 

@@ -17,14 +17,24 @@ import trio
 from click.testing import CliRunner
 
 import tightwad_plugins.worker as plugin
-from tightwad_core.runtime import catalog
 from tightwad_core.plugins import load_registry
+from tightwad_core.runtime import catalog
 from tightwad_core.spec.interfaces import SamplingParams
 from tightwad_core.testing.tinymodels import reference_greedy, write_tiny_model
-from tightwad_plugins.worker.cli import (RunningWorker, WorkerConfigError, serve_worker,
-                                         worker_command)
-from tightwad_plugins.worker.rejection import (accept_greedy, accept_sampled, draft_probs,
-                                               sample, sparse, target_probs)
+from tightwad_plugins.worker.cli import (
+    RunningWorker,
+    WorkerConfigError,
+    serve_worker,
+    worker_command,
+)
+from tightwad_plugins.worker.rejection import (
+    accept_greedy,
+    accept_sampled,
+    draft_probs,
+    sample,
+    sparse,
+    target_probs,
+)
 
 N_VOCAB = 8
 

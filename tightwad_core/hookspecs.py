@@ -8,12 +8,21 @@ plugins register build objects whose methods are async.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
     import click
+
+    from tightwad_core.roles import (
+        BackendFactory,
+        ModeFactory,
+        PlacementFactory,
+        TransportFactory,
+        VerifierFactory,
+    )
 
 hookspec = pluggy.HookspecMarker("tightwad")
 hookimpl = pluggy.HookimplMarker("tightwad")
@@ -24,31 +33,35 @@ hookimpl = pluggy.HookimplMarker("tightwad")
 
 
 @hookspec
-def register_backends(register: Callable[..., None]) -> None:
+def register_backends(register: Callable[[str, BackendFactory], None]) -> None:
     """Register model backends: ``register(name, factory)``.
 
     :param register: call as ``register(name: str, factory)`` where
-        ``factory(config: BackendConfig, context: BackendContext) -> Backend``.
+        ``factory(config: BackendConfig, context: BackendContext) -> Backend``
+        (`roles.BackendFactory`).
     """
 
 
 @hookspec
-def register_modes(register: Callable[..., None]) -> None:
+def register_modes(register: Callable[[str, ModeFactory], None]) -> None:
     """Register serving modes: ``register(name, factory)``.
 
     :param register: call as ``register(name: str, factory)`` where
-        ``factory(profile: Profile, backends: dict[str, Backend]) -> Mode``.
-        A mode turns API requests into backend calls (``direct`` relays to the
-        target; speculative modes draft and verify).
+        ``factory(profile, backends, context) -> Mode`` and ``factory.roles``
+        names the backends it needs (`roles.ModeFactory`). A mode turns API
+        requests into backend calls (``direct`` relays to the target;
+        speculative modes draft and verify).
     """
 
 
 @hookspec
-def register_verifiers(register: Callable[..., None]) -> None:
-    """Register speculative verifiers: ``register(name, factory)``.
+def register_verifiers(register: Callable[[str, VerifierFactory], None]) -> None:
+    """Register verifier rungs: ``register(name, factory)``.
 
-    :param register: call as ``register(name: str, factory)``; the factory
-        builds an object that checks draft tokens against a target.
+    :param register: call as ``register(name: str, factory)`` where
+        ``factory(target: Backend) -> Verifier`` and the factory carries
+        ``rung``, ``rank``, ``requires``, ``pinnable`` and ``label``
+        (`roles.VerifierFactory`). Speculative modes find rungs here.
     """
 
 
@@ -58,20 +71,20 @@ def register_verifiers(register: Callable[..., None]) -> None:
 
 
 @hookspec
-def register_placement_strategies(register: Callable[..., None]) -> None:
+def register_placement_strategies(register: Callable[[str, PlacementFactory], None]) -> None:
     """Register layer/expert placement strategies: ``register(name, factory)``.
 
-    :param register: call as ``register(name: str, factory)``; the factory
-        builds an object that assigns model tensors to devices.
+    :param register: call as ``register(name: str, factory)``; ``factory()``
+        builds a `roles.PlacementStrategy` that assigns model tensors to devices.
     """
 
 
 @hookspec
-def register_transports(register: Callable[..., None]) -> None:
+def register_transports(register: Callable[[str, TransportFactory], None]) -> None:
     """Register transports between nodes: ``register(name, factory)``.
 
-    :param register: call as ``register(name: str, factory)``; the factory
-        builds an object that opens byte streams to other nodes.
+    :param register: call as ``register(name: str, factory)``; ``factory()``
+        builds a `roles.Transport` that opens byte streams to other nodes.
     """
 
 

@@ -7,11 +7,14 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
 
 from tightwad_core import hookspecs
+
+if TYPE_CHECKING:
+    from tightwad_core.roles import BackendFactory, ModeFactory, VerifierFactory
 
 GROUP = "tightwad"
 KINDS = ("backends", "modes", "verifiers", "placement_strategies", "transports", "commands")
@@ -46,6 +49,15 @@ class Registry:
         except KeyError:
             known = ", ".join(sorted(self.entries.get(kind, {}))) or "none"
             raise KeyError(f"no {kind[:-1].replace('_', ' ')} named {name!r} (known: {known})") from None
+
+    def backend(self, name: str) -> BackendFactory:
+        return cast("BackendFactory", self.get("backends", name))
+
+    def mode(self, name: str) -> ModeFactory:
+        return cast("ModeFactory", self.get("modes", name))
+
+    def verifiers(self) -> dict[str, VerifierFactory]:
+        return cast("dict[str, VerifierFactory]", dict(self.entries.get("verifiers", {})))
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.entries.get(kind, {}))
@@ -126,5 +138,3 @@ def _collect(reg: Registry) -> None:
         reg.entries[kind] = entries
         reg.owners[kind] = owners
 
-
-RegisterFn = Callable[..., None]

@@ -8,11 +8,15 @@ from typing import Any, Literal
 
 import msgspec
 
+#: What a request asks for: "chat" (messages through the model's template) or
+#: "completion" (a raw prompt).
+Kind = Literal["chat", "completion"]
+
 
 class GenRequest(msgspec.Struct, frozen=True, kw_only=True):
     """One generation request, whichever API it came from."""
 
-    kind: Literal["chat", "completion"]  # chat: `messages` go through the model's template
+    kind: Kind  # chat: `messages` go through the model's template
     messages: list[dict[str, Any]] | None = None  # OpenAI-shaped messages (chat only)
     prompt: str | list[int] | None = None  # raw prompt text or token ids (completion only)
     max_tokens: int  # exact cap on generated tokens
@@ -21,6 +25,9 @@ class GenRequest(msgspec.Struct, frozen=True, kw_only=True):
     top_k: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings, not included in the output
+    # Sample with temperature/top_k/top_p alone, none of a server's extra default
+    # samplers (min_p, penalties): the distribution a verifier checks against.
+    exact_sampler: bool = False
     extra: dict[str, Any] = {}  # further OpenAI parameters the mode agreed to pass on
 
 
@@ -60,3 +67,12 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
     ok: bool
     detail: str = ""  # why not, or what it is
     url: str | None = None  # where it is reached
+
+
+class TokenRun(msgspec.Struct, frozen=True, kw_only=True):
+    """A greedy generation from token ids, as the target reports it."""
+
+    text: str  # the generated text
+    count: int  # generated tokens (end-of-generation tokens not counted)
+    tokens: list[int] | None = None  # their ids, when the server sends them
+    gaps: list[float | None] | None = None  # top-2 log-probability gap per token, when asked

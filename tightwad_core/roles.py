@@ -1,15 +1,31 @@
-"""The roles plugins fill, as Protocols. The core only ever talks to these."""
+"""The roles plugins fill, as Protocols, and the factories the hooks register.
+The core only ever talks to these.
+
+A backend declares what it offers in ``capabilities``, so modes and verifier
+rungs can pick what fits without knowing backend names. The names in use:
+
+- ``"tokens"``: ``tokenize``/``detokenize``/``apply_template``, token-id
+  prompts, ``vocab()`` and ``complete_ids()`` (see `TokenBackend`);
+- ``"llama-completion"``: llama-server's ``/completion`` (several prompts in
+  one request, per-token probabilities);
+- ``"tightwad-verify"``: the worker's one-request-per-round verify protocol;
+- ``"prompt-logprobs"``: ``/v1/completions`` with ``echo`` and ``logprobs``
+  for prompt positions.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import trio
 
 from tightwad_core.config.profiles import BackendConfig, Profile
-from tightwad_core.records import Delta, GenRequest, Health, Result
+from tightwad_core.records import Delta, GenRequest, Health, Result, TokenRun
+from tightwad_core.spec.interfaces import Verifier
+from tightwad_core.vocab import Vocab
 
 
 @dataclass(frozen=True)
@@ -26,11 +42,22 @@ class BackendContext:
 class Backend(Protocol):
     """A model server: launched and supervised by us, or reached at a URL."""
 
-    kind: str  # the plugin name, e.g. "llama-server"
-    role: str  # "target" or "draft"
-    #: Parameters beyond the common ones that this backend can pass on
-    #: (``None`` means any OpenAI parameter is passed on unchanged).
-    passthrough: frozenset[str] | None
+    @property
+    def kind(self) -> str:
+        """The plugin name, e.g. ``"llama-server"``."""
+
+    @property
+    def role(self) -> str:
+        """``"target"`` or ``"draft"``."""
+
+    @property
+    def passthrough(self) -> frozenset[str] | None:
+        """Parameters beyond the common ones that this backend can pass on
+        (``None``: any OpenAI parameter is passed on unchanged)."""
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """What this backend offers (see the module docstring)."""
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run for the proxy's lifetime: launch/supervise or watch the server.
@@ -45,30 +72,124 @@ class Backend(Protocol):
         """Facts for `/api/show` and `/api/tags`; any of these keys may be present:
         ``name``, ``chat_template``, ``context_length``, ``parameters``, ``size``."""
 
+    def check(self, req: GenRequest) -> None:
+        """Raise `UnsupportedParam` for parameters this backend cannot honour."""
+
     async def generate(self, req: GenRequest) -> Result: ...
 
-    def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
+    def stream(self, req: GenRequest) -> AsyncGenerator[Delta, None]:
         """An async generator of deltas; close it (``aclosing``) to cancel upstream."""
 
     async def aclose(self) -> None: ...
 
 
+@runtime_checkable
+class TokenBackend(Backend, Protocol):
+    """A backend with the ``"tokens"`` capability: it speaks token ids."""
+
+    async def tokenize(self, text: str, add_special: bool = False) -> list[int]: ...
+
+    async def detokenize(self, tokens: list[int]) -> str: ...
+
+    async def apply_template(self, messages: list[dict[str, Any]]) -> str:
+        """The model's own chat template applied, with the generation prompt."""
+
+    async def vocab(self) -> Vocab | None:
+        """The model's vocabulary, when this backend can learn it (else None)."""
+
+    async def complete_ids(self, prompt: list[int], max_tokens: int, *, gaps: bool = False) -> TokenRun:
+        """Greedy generation from token ids; with ``gaps``, the top-2 log-probability
+        gap at each generated position (the bench's reference runs)."""
+
+
 class Mode(Protocol):
     """Turns API requests into backend calls."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
+
+    async def start(self) -> None:
+        """Called once the backends are up, before the first request."""
 
     def check(self, req: GenRequest) -> None:
         """Raise `UnsupportedParam` for parameters this mode cannot honour."""
 
     async def generate(self, req: GenRequest) -> Result: ...
 
-    def stream(self, req: GenRequest) -> AsyncIterator[Delta]: ...
+    def stream(self, req: GenRequest) -> AsyncGenerator[Delta, None]: ...
 
-    def status(self) -> dict[str, Any]: ...
+    def status(self) -> dict[str, Any]:
+        """For `/v1/tightwad/status`: at least ``mode``; speculative modes add
+        ``verifier`` (``rung``, ``label``, ``exact``, ``speedup``) and counters."""
 
 
-BackendFactory = Any  # (BackendConfig, BackendContext) -> Backend
-ModeFactory = Any  # (Profile, dict[str, Backend]) -> Mode
+class PlacementStrategy(Protocol):
+    """Assigns model tensors (layers or experts) to the devices of a cluster."""
 
-__all__ = ["Backend", "BackendConfig", "BackendContext", "Mode", "Profile"]
+    name: str
+
+    def assign(self, tensors: Mapping[str, int], devices: Mapping[str, int]) -> dict[str, str]:
+        """Tensor name -> device name, given tensor sizes and free device memory (bytes)."""
+
+
+class Transport(Protocol):
+    """Opens byte streams to other nodes."""
+
+    name: str
+
+    async def connect(self, host: str, port: int) -> trio.abc.Stream: ...
+
+
+# --------------------------------------------------------------------------- factories
+
+
+class BackendFactory(Protocol):
+    def __call__(self, config: BackendConfig, context: BackendContext, /) -> Backend: ...
+
+
+class VerifierFactory(Protocol):
+    """A verifier rung: built for one target backend."""
+
+    rung: str  # the name profiles use in `speculation.verifier`
+    rank: int  # place on the ladder: "auto" takes the lowest rank the target supports
+    requires: str  # the backend capability the rung needs
+    #: Whether a profile may pin this rung on a target that does not declare
+    #: ``requires`` (a capability servers cannot announce, e.g. prompt logprobs).
+    pinnable: bool
+    label: str  # one honest line for logs, status and /v1/models
+
+    def __call__(self, target: Backend, /) -> Verifier: ...
+
+
+@dataclass(frozen=True)
+class ModeContext:
+    """What a mode factory gets besides the profile and its backends."""
+
+    verifiers: Mapping[str, VerifierFactory]  # the registered rungs, by name
+
+
+class ModeFactory(Protocol):
+    roles: tuple[str, ...]  # the backends the mode needs started, e.g. ("target", "draft")
+
+    def __call__(self, profile: Profile, backends: Mapping[str, Backend],
+                 context: ModeContext, /) -> Mode: ...
+
+
+class PlacementFactory(Protocol):
+    def __call__(self) -> PlacementStrategy: ...
+
+
+class TransportFactory(Protocol):
+    def __call__(self) -> Transport: ...
+
+
+def best_verifier(verifiers: Mapping[str, VerifierFactory],
+                  capabilities: frozenset[str]) -> VerifierFactory | None:
+    """The highest rung of the ladder that a target with ``capabilities`` supports."""
+    fits: Sequence[VerifierFactory] = [v for v in verifiers.values() if v.requires in capabilities]
+    return min(fits, key=lambda v: v.rank) if fits else None
+
+
+__all__ = ["Backend", "BackendConfig", "BackendContext", "BackendFactory", "Mode", "ModeContext",
+           "ModeFactory", "PlacementFactory", "PlacementStrategy", "Profile", "TokenBackend",
+           "Transport", "TransportFactory", "VerifierFactory", "best_verifier"]

@@ -1,15 +1,16 @@
-"""A target's vocabulary read from its GGUF file: the bytes each token
-stands for, which tokens end generation, and a fingerprint that says whether
-two models share one vocabulary (compared token by token, not by name)."""
+"""One vocabulary record for every side: the bytes each token stands for,
+which tokens end generation, and a fingerprint that says whether two models
+share one vocabulary (computed from the GGUF's token texts and types, so a
+file read here, a llama.cpp engine and a worker over HTTP agree)."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-
-import numpy as np
+from typing import Any
 
 # llama.cpp token types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -37,11 +38,12 @@ def _byte_decoder() -> dict[str, int]:
 
 @dataclass(frozen=True)
 class Vocab:
-    pieces: tuple[bytes, ...]  # what each token id renders as in output text
+    pieces: tuple[bytes, ...]  # bytes each token adds to generated text (control tokens: b"")
     eos: frozenset[int]  # ids that end generation
     bos: int | None
-    model: str  # "gpt2" (byte-level BPE), "llama" (SentencePiece) or other
-    fingerprint: str  # sha256 over every token's text and type, in id order
+    fingerprint: str  # sha256 over every token's GGUF text and type, in id order
+    specials: tuple[bytes, ...] = ()  # pieces with control tokens as their text (empty: same as pieces)
+    add_bos: bool = True  # whether prompts start with `bos`
 
     @property
     def n_vocab(self) -> int:
@@ -50,15 +52,32 @@ class Vocab:
     def piece(self, token: int) -> bytes:
         return self.pieces[token] if 0 <= token < len(self.pieces) else b""
 
+    def special(self, token: int) -> bytes:
+        """The token's bytes with control tokens spelled out (for re-tokenizing a context)."""
+        table = self.specials or self.pieces
+        return table[token] if 0 <= token < len(table) else b""
 
-def _field(reader, name):  # type: ignore[no-untyped-def]
+    def decode(self, tokens: Iterable[int]) -> bytes:
+        return b"".join(self.piece(t) for t in tokens)
+
+
+def fingerprint(texts: Sequence[str], types: Sequence[int]) -> str:
+    """The vocabulary fingerprint: sha256 over each token's text and type."""
+    h = hashlib.sha256()
+    for t, ty in zip(texts, types):
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00%d\x00" % ty)
+    return h.hexdigest()
+
+
+def _field(reader: Any, name: str) -> Any:
     f = reader.fields.get(name)
     if f is None:
         return None
     return f
 
 
-def _scalar(reader, name) -> int | None:  # type: ignore[no-untyped-def]
+def _scalar(reader: Any, name: str) -> int | None:
     f = _field(reader, name)
     if f is None:
         return None
@@ -84,12 +103,12 @@ def _load(path: str, mtime: float, size: int) -> Vocab:
                        _scalar(reader, "tokenizer.ggml.eot_token_id"),
                        _scalar(reader, "tokenizer.ggml.eom_token_id")) if i is not None}
     eos |= {i for i, (t, ty) in enumerate(zip(texts, types)) if ty == CONTROL and t in EOG_TEXTS}
-    h = hashlib.sha256()
-    for t, ty in zip(texts, types):
-        h.update(t.encode("utf-8", "surrogatepass"))
-        h.update(b"\x00%d\x00" % ty)
-    return Vocab(tuple(pieces), frozenset(eos), _scalar(reader, "tokenizer.ggml.bos_token_id"), model,
-                 h.hexdigest())
+    specials = tuple(t.encode() if ty in (CONTROL, USER_DEFINED) else p
+                     for p, t, ty in zip(pieces, texts, types))
+    add_bos = reader.fields.get("tokenizer.ggml.add_bos_token")
+    return Vocab(tuple(pieces), frozenset(eos), _scalar(reader, "tokenizer.ggml.bos_token_id"),
+                 fingerprint(texts, types), specials,
+                 bool(add_bos.parts[add_bos.data[0]][0]) if add_bos is not None else True)
 
 
 def _pieces(texts: list[str], types: list[int], model: str) -> list[bytes]:
@@ -123,20 +142,15 @@ def load_vocab(path: str | Path) -> Vocab:
     return _load(str(p.resolve()), st.st_mtime, st.st_size)
 
 
-def from_pieces(pieces: list[bytes], eos: list[int], bos: int | None, fingerprint: str) -> Vocab:
+def from_pieces(pieces: list[bytes], eos: list[int], bos: int | None, fingerprint: str,
+                specials: list[bytes] | None = None) -> Vocab:
     """A vocabulary served over HTTP (the worker's /v1/tightwad/vocab)."""
-    return Vocab(tuple(pieces), frozenset(eos), bos, "remote", fingerprint)
+    return Vocab(tuple(pieces), frozenset(eos), bos, fingerprint, tuple(specials or ()))
 
 
 def same_vocab(a: Vocab, b: Vocab) -> bool:
-    """Whether token ids mean the same in both: the GGUF fingerprints when both
-    were read from files, else token by token (control tokens, which one side
-    may render empty, are skipped)."""
-    if a.model != "remote" and b.model != "remote":
-        return a.fingerprint == b.fingerprint
-    if a.n_vocab != b.n_vocab:
-        return False
-    return all(x == y or not x or not y for x, y in zip(a.pieces, b.pieces))
+    """Whether token ids mean the same in both models."""
+    return a.fingerprint == b.fingerprint
 
 
-__all__ = ["Vocab", "load_vocab", "from_pieces", "np"]
+__all__ = ["Vocab", "fingerprint", "from_pieces", "load_vocab", "same_vocab"]

@@ -1,24 +1,31 @@
 """The ``llama-server`` backend: reach a running llama.cpp server at ``url``,
-or launch and supervise one for ``model_path``."""
+or launch and supervise one for ``model_path``. (Built in code with both, as
+the bench does, it connects to ``url`` and takes ``model_path`` as the GGUF
+that server runs, for its vocabulary.)"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from tightwad_core.runtime.catalog import resolve_model
+from tightwad_core.config.profiles import BackendConfig
 from tightwad_core.hookspecs import hookimpl
 from tightwad_core.http.upstream import OpenAIHTTPBackend
+from tightwad_core.records import GenRequest, Health, TokenRun
+from tightwad_core.roles import BackendContext, BackendFactory
+from tightwad_core.runtime.catalog import resolve_model
 from tightwad_core.runtime.procs import Supervised, find_engine, free_port
-from tightwad_core.config.profiles import BackendConfig
-from tightwad_core.records import Health
-from tightwad_core.roles import BackendContext
+from tightwad_core.spec.interfaces import SamplingParams
+from tightwad_core.vocab import Vocab, load_vocab
+from tightwad_plugins.backends.llama_wire import align_gaps, sampler_fields
 
 
 class LlamaServerBackend(OpenAIHTTPBackend):
     kind = "llama-server"
+    capabilities = frozenset({"tokens", "llama-completion"})
     supports_top_k = True
     health_path = "/health"
 
@@ -50,7 +57,7 @@ class LlamaServerBackend(OpenAIHTTPBackend):
         return argv + list(cfg.extra_args)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        if self.model_file is None:
+        if self.config.url is not None or self.model_file is None:  # connect, never launch
             await super().serve(task_status=task_status)
             return
         port = free_port()
@@ -87,7 +94,7 @@ class LlamaServerBackend(OpenAIHTTPBackend):
     async def model_info(self) -> dict[str, Any]:
         props = await self.props()
         data = await self.get_json("/v1/models")
-        meta = {}
+        meta: dict[str, Any] = {}
         try:
             meta = data["data"][0].get("meta") or {}
         except (KeyError, IndexError, TypeError):
@@ -103,27 +110,54 @@ class LlamaServerBackend(OpenAIHTTPBackend):
             "path": props.get("model_path") or (str(self.model_file) if self.model_file else None),
         }
 
-    # llama-server's own token routes (used by speculative modes)
-    async def tokenize(self, text: str, add_special: bool = False) -> list[int]:
-        from tightwad_core.http.wire import post_json
+    def body(self, req: GenRequest, stream: bool) -> dict[str, Any]:
+        body = super().body(req, stream)
+        if req.exact_sampler and req.temperature:  # our sampler only, none of the server's extras
+            s = SamplingParams(temperature=req.temperature, top_p=1.0 if req.top_p is None else req.top_p,
+                               top_k=req.top_k or 0, seed=req.seed)
+            fields = sampler_fields(s, 0)
+            fields.pop("n_probs")
+            fields.pop("post_sampling_probs")
+            body.update(fields)
+        return body
 
-        data = await post_json(self.client, "/tokenize",
-                               {"content": text, "add_special": add_special}, self.where)
+    # ---- llama-server's own token routes (the "tokens" capability) ------ #
+
+    async def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        data = await self.post_json("/tokenize", {"content": text, "add_special": add_special})
         return [int(t) for t in data["tokens"]]
 
     async def detokenize(self, tokens: list[int]) -> str:
-        from tightwad_core.http.wire import post_json
-
-        data = await post_json(self.client, "/detokenize", {"tokens": tokens}, self.where)
+        data = await self.post_json("/detokenize", {"tokens": tokens})
         return str(data["content"])
 
     async def apply_template(self, messages: list[dict[str, Any]]) -> str:
-        from tightwad_core.http.wire import post_json
-
-        data = await post_json(self.client, "/apply-template", {"messages": messages}, self.where)
+        data = await self.post_json("/apply-template", {"messages": messages})
         return str(data["prompt"])
+
+    async def vocab(self) -> Vocab | None:
+        """From the GGUF when this backend launched it (a server at a URL does not say)."""
+        if self.model_file is None or not self.model_file.exists():
+            return None
+        return await trio.to_thread.run_sync(load_vocab, self.model_file)
+
+    async def complete_ids(self, prompt: list[int], max_tokens: int, *, gaps: bool = False) -> TokenRun:
+        body: dict[str, Any] = {"prompt": prompt, "n_predict": max_tokens, "temperature": 0,
+                                "return_tokens": True, "cache_prompt": not gaps}
+        if gaps:
+            body["n_probs"] = 2
+        data = await self.post_json("/completion", body)
+        vocab = await self.vocab()
+        out = [int(t) for t in data.get("tokens") or ()]
+        eos = vocab.eos if vocab is not None else frozenset()
+        while out and out[-1] in eos:
+            out.pop()
+        text = vocab.decode(out).decode("utf-8", "replace") if vocab is not None else str(data.get("content", ""))
+        found = (align_gaps(out, data.get("completion_probabilities") or [], vocab.piece)
+                 if gaps and vocab is not None else None)
+        return TokenRun(text=text, count=len(out), tokens=out, gaps=found)
 
 
 @hookimpl
-def register_backends(register):  # type: ignore[no-untyped-def]
+def register_backends(register: Callable[[str, BackendFactory], None]) -> None:
     register("llama-server", LlamaServerBackend)

@@ -6,19 +6,19 @@ against Ollama's published API."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import httpx
 import msgspec
-import trio
 
+from tightwad_core.config.profiles import BackendConfig, ConfigError
 from tightwad_core.errors import BackendError, BackendUnavailable, BadRequest, UnsupportedParam
 from tightwad_core.hookspecs import hookimpl
-from tightwad_core.http.wire import post_json, raise_for_status
-from tightwad_core.config.profiles import BackendConfig, ConfigError, secret
-from tightwad_core.records import Delta, GenRequest, Health, Result, Usage
-from tightwad_core.roles import BackendContext
+from tightwad_core.http.upstream import HTTPBackend
+from tightwad_core.http.wire import raise_for_status
+from tightwad_core.records import Delta, GenRequest, Result, Usage
+from tightwad_core.roles import BackendContext, BackendFactory
 
 _json = msgspec.json.Decoder()
 
@@ -36,59 +36,28 @@ OPTION_FIELDS = {
 }
 
 
-class OllamaBackend:
+class OllamaBackend(HTTPBackend):
     kind = "ollama"
     passthrough = frozenset(OPTION_FIELDS) | {"response_format", "tools"}
+
+    health_path = "/api/version"
 
     def __init__(self, config: BackendConfig, context: BackendContext) -> None:
         if config.url is None:
             raise ConfigError(f"{context.role}: the ollama backend needs `url` (it cannot launch models)")
         if not config.model:
             raise ConfigError(f"{context.role}: the ollama backend needs `model` (the Ollama model name)")
-        self.config = config
-        self.role = context.role
-        self.base_url = config.url.rstrip("/")
+        super().__init__(config, context)
         self.model = config.model
-        self._client: httpx.AsyncClient | None = None
 
-    @property
-    def where(self) -> str:
-        return f"{self.role} (ollama at {self.base_url})"
-
-    @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            raise BackendUnavailable(f"{self.role} backend is not started")
-        return self._client
-
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        token = secret(self.config.api_key, self.config.api_key_env)
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url, headers={"authorization": f"Bearer {token}"} if token else {},
-            timeout=httpx.Timeout(self.config.request_timeout, connect=10.0))
-        task_status.started()
-        await trio.sleep_forever()
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
-
-    async def health(self) -> Health:
-        try:
-            with trio.fail_after(5):
-                resp = await self.client.get("/api/version")
-        except (httpx.HTTPError, trio.TooSlowError, BackendUnavailable) as exc:
-            return Health(ok=False, detail=f"unreachable: {exc.__class__.__name__}", url=self.base_url)
-        if resp.status_code != 200:
-            return Health(ok=False, detail=f"status {resp.status_code}", url=self.base_url)
-        return Health(ok=True, detail=f"ollama {resp.json().get('version', '?')}", url=self.base_url)
+    def health_detail(self, resp: httpx.Response) -> str:
+        return f"ollama {resp.json().get('version', '?')}"
 
     async def model_name(self) -> str:
         return self.model
 
     async def model_info(self) -> dict[str, Any]:
-        data = await self._post("/api/show", {"model": self.model})
+        data = await self.post_json("/api/show", {"model": self.model})
         details = data.get("details") or {}
         info = data.get("model_info") or {}
         arch = info.get("general.architecture", "")
@@ -137,9 +106,6 @@ class OllamaBackend:
         body["raw"] = True
         return "/api/generate", body
 
-    async def _post(self, path: str, body: dict[str, Any]) -> Any:
-        return await post_json(self.client, path, body, self.where)
-
     @staticmethod
     def _text(kind: str, data: dict[str, Any]) -> str:
         if kind == "chat":
@@ -152,14 +118,14 @@ class OllamaBackend:
 
     async def generate(self, req: GenRequest) -> Result:
         path, body = self._body(req, stream=False)
-        data = await self._post(path, body)
+        data = await self.post_json(path, body)
         extra = None
         if req.kind == "chat" and (data.get("message") or {}).get("tool_calls"):
             extra = {"tool_calls": data["message"]["tool_calls"]}
         return Result(text=self._text(req.kind, data), finish_reason=data.get("done_reason") or "stop",
                       usage=self._usage(data), extra=extra)
 
-    async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
+    async def stream(self, req: GenRequest) -> AsyncGenerator[Delta, None]:
         path, body = self._body(req, stream=True)
         done: dict[str, Any] | None = None
         try:
@@ -192,5 +158,5 @@ class OllamaBackend:
 
 
 @hookimpl
-def register_backends(register):  # type: ignore[no-untyped-def]
+def register_backends(register: Callable[[str, BackendFactory], None]) -> None:
     register("ollama", OllamaBackend)

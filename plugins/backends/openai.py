@@ -4,10 +4,12 @@ name when the server hosts several."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from tightwad_core.config.profiles import BackendConfig, ConfigError
 from tightwad_core.hookspecs import hookimpl
 from tightwad_core.http.upstream import OpenAIHTTPBackend
-from tightwad_core.config.profiles import BackendConfig, ConfigError
-from tightwad_core.roles import BackendContext
+from tightwad_core.roles import BackendContext, BackendFactory
 
 
 class OpenAIBackend(OpenAIHTTPBackend):
@@ -20,5 +22,5 @@ class OpenAIBackend(OpenAIHTTPBackend):
 
 
 @hookimpl
-def register_backends(register):  # type: ignore[no-untyped-def]
+def register_backends(register: Callable[[str, BackendFactory], None]) -> None:
     register("openai", OpenAIBackend)

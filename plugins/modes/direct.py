@@ -2,33 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, Callable, Mapping
+from typing import Any, ClassVar
 
-from tightwad_core.hookspecs import hookimpl
 from tightwad_core.config.profiles import Profile
+from tightwad_core.hookspecs import hookimpl
 from tightwad_core.records import Delta, GenRequest, Result
-from tightwad_core.roles import Backend
+from tightwad_core.roles import Backend, ModeContext, ModeFactory
 
 
 class DirectMode:
     name = "direct"
-    roles = ("target",)  # backends this mode needs started
+    roles: ClassVar[tuple[str, ...]] = ("target",)  # backends this mode needs started
 
-    def __init__(self, profile: Profile, backends: dict[str, Backend]) -> None:
+    def __init__(self, profile: Profile, backends: Mapping[str, Backend], context: ModeContext) -> None:
         self.target = backends["target"]
         self.requests = 0
 
+    async def start(self) -> None:
+        return None
+
     def check(self, req: GenRequest) -> None:
-        checker = getattr(self.target, "check", None)
-        if checker is not None:
-            checker(req)
+        self.target.check(req)
 
     async def generate(self, req: GenRequest) -> Result:
         self.requests += 1
         return await self.target.generate(req)
 
-    async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
+    async def stream(self, req: GenRequest) -> AsyncGenerator[Delta, None]:
         self.requests += 1
         async for delta in self.target.stream(req):
             yield delta
@@ -37,13 +38,6 @@ class DirectMode:
         return {"mode": self.name, "requests": self.requests, "speculation": None}
 
 
-def make(profile: Profile, backends: dict[str, Backend]) -> DirectMode:
-    return DirectMode(profile, backends)
-
-
-make.roles = DirectMode.roles  # type: ignore[attr-defined]
-
-
 @hookimpl
-def register_modes(register):  # type: ignore[no-untyped-def]
-    register("direct", make)
+def register_modes(register: Callable[[str, ModeFactory], None]) -> None:
+    register("direct", DirectMode)

@@ -7,43 +7,68 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
-import trio
 
+from tightwad_core.config.profiles import ConfigError, Profile
 from tightwad_core.errors import BadRequest, UnsupportedParam
 from tightwad_core.hookspecs import hookimpl
-from tightwad_core.config.profiles import ConfigError, Profile
 from tightwad_core.records import Delta, GenRequest, Result
-from tightwad_core.roles import Backend
+from tightwad_core.roles import (
+    Backend,
+    ModeContext,
+    ModeFactory,
+    TokenBackend,
+    VerifierFactory,
+    best_verifier,
+)
 from tightwad_core.spec.draftlen import DraftLength
-from tightwad_core.spec.interfaces import SamplingParams
+from tightwad_core.spec.interfaces import Drafter, SamplingParams, Verifier
 from tightwad_core.spec.loop import DraftGuard, RequestStats, speculate
 from tightwad_core.spec.stats import SpecTotals
-from tightwad_core.vocab import from_pieces, same_vocab
-
-from tightwad_plugins.verifiers.llama_server import GenerateCompareVerifier, LlamaServerDrafter, PrefixBatchVerifier, sampler_fields
-from tightwad_plugins.verifiers.prompt_logprobs import PromptLogprobsVerifier, TextDrafter
-from tightwad_plugins.modes.target_text import TargetTokenizer, local_vocab
-from tightwad_plugins.verifiers.worker import WorkerDrafter, WorkerVerifier
+from tightwad_core.vocab import same_vocab
+from tightwad_plugins.modes.drafters import LlamaServerDrafter, TextDrafter, WorkerDrafter
+from tightwad_plugins.modes.target_text import TargetTokenizer, vocab_of
 
 log = logging.getLogger("tightwad.spec")
 
-VERIFIERS = {"worker": WorkerVerifier, "prefix-batch": PrefixBatchVerifier,
-             "generate-compare": GenerateCompareVerifier, "prompt-logprobs": PromptLogprobsVerifier}
-AUTO_RUNG = {"worker": "worker", "llama-server": "prefix-batch", "openai": "generate-compare",
-             "ollama": "generate-compare"}
-TOKEN_TARGETS = frozenset({"worker", "llama-server", "openai"})
+#: The rung named when no rung fits the target: the target generates every
+#: token itself (a plain relay), correct and with no speed-up.
+RELAY_RUNG = "generate-compare"
+RELAY_LABEL = ("generate-compare: correct output, NO speed-up: the target generates every token "
+               "itself and the draft is only compared")
+#: Same-vocabulary drafters by the capability they use, best first; a draft
+#: with neither speaks text.
+TOKEN_DRAFTERS: tuple[tuple[str, type[WorkerDrafter] | type[LlamaServerDrafter]], ...] = (
+    ("tightwad-verify", WorkerDrafter), ("llama-completion", LlamaServerDrafter))
+
+
+def pick_rung(name: str, target: Backend,
+              verifiers: Mapping[str, VerifierFactory]) -> VerifierFactory | None:
+    """The rung a profile's ``speculation.verifier`` names for ``target``; None
+    means relay (no rung the target supports)."""
+    if name == "auto":
+        return best_verifier(verifiers, target.capabilities)
+    if name not in verifiers:
+        known = ", ".join(["auto", *sorted(verifiers)])
+        raise ConfigError(f"field 'speculation.verifier': no verifier named {name!r} (known: {known})")
+    rung = verifiers[name]
+    if rung.requires in target.capabilities or rung.pinnable:
+        return rung
+    if name == RELAY_RUNG:
+        return None
+    raise ConfigError(f"verifier {name!r} needs a target that offers {rung.requires!r}; the "
+                      f"{target.kind} target does not (use verifier = \"auto\")")
 
 
 class SpeculativeMode:
     name = "speculative"
-    roles = ("target", "draft")
+    roles: ClassVar[tuple[str, ...]] = ("target", "draft")
 
-    def __init__(self, profile: Profile, backends: dict[str, Backend]) -> None:
+    def __init__(self, profile: Profile, backends: Mapping[str, Backend], context: ModeContext) -> None:
         self.profile = profile
         self.target = backends["target"]
         self.draft_backend = backends["draft"]
@@ -51,44 +76,36 @@ class SpeculativeMode:
         pinned = spec.max_draft_tokens if isinstance(spec.max_draft_tokens, int) else None
         self.draft_length = DraftLength(pinned=pinned, k_max=spec.k_max)
         self.guard = DraftGuard(budget_s=spec.draft_timeout, fallback=spec.fallback_on_draft_failure)
-        rung = spec.verifier if spec.verifier != "auto" else AUTO_RUNG.get(self.target.kind, "generate-compare")
-        self.rung = rung
-        self.relay_only = rung == "generate-compare" and self.target.kind not in ("llama-server",)
-        self.verifier: Any = None
-        self.drafter: Any = None
+        factory = pick_rung(spec.verifier, self.target, context.verifiers)
+        self.relay_only = factory is None or not isinstance(self.target, TokenBackend)
+        self.rung = RELAY_RUNG if factory is None else factory.rung
+        self.factory = factory
+        self.verifier: Verifier | None = None
+        self.drafter: Drafter | None = None
         self.text: TargetTokenizer | None = None
         self.totals = SpecTotals()
 
     async def start(self) -> None:
-        """Check the pair and pick the verifier and drafter (after backends are up)."""
-        if self.relay_only:
-            log.warning("verifier generate-compare on a %s target: correct output, NO speed-up "
-                        "(the target cannot check draft tokens)", self.target.kind)
+        """Check the pair and build the verifier and drafter (after backends are up)."""
+        target = self.target
+        if self.relay_only or self.factory is None or not isinstance(target, TokenBackend):
+            log.warning("verifier %s on a %s target: correct output, NO speed-up "
+                        "(the target cannot check draft tokens)", self.rung, target.kind)
             return
-        if self.rung == "worker" and self.target.kind != "worker":
-            raise ConfigError(f"verifier 'worker' needs a worker target, not {self.target.kind}")
-        self.verifier = VERIFIERS[self.rung](self.target)
-        self.text = TargetTokenizer(self.target)
-        await self.text.load(fallback_files=[local_vocab(self.draft_backend)])
-        draft_vocab = local_vocab(self.draft_backend)
-        if self.draft_backend.kind == "llama-server" and draft_vocab is not None:
-            if not same_vocab(draft_vocab, self.text.vocab):
+        self.verifier = self.factory(target)
+        self.text = TargetTokenizer(target)
+        draft_vocab = await vocab_of(self.draft_backend)
+        await self.text.load(fallback=draft_vocab)
+        drafter = next((d for cap, d in TOKEN_DRAFTERS if cap in self.draft_backend.capabilities), None)
+        if drafter is not None:
+            if draft_vocab is None:
+                log.warning("draft vocabulary not checked (no local model file); assuming it matches")
+            elif not same_vocab(draft_vocab, self.text.vocab):
                 raise ConfigError(
                     f"the draft's vocabulary ({draft_vocab.n_vocab} tokens) differs from the target's "
                     f"({self.text.vocab.n_vocab} tokens): token ids cannot be mapped; use a draft of the "
                     "same family, or an openai/ollama draft (text, re-tokenized)")
-            self.drafter = LlamaServerDrafter(self.draft_backend)
-        elif self.draft_backend.kind == "llama-server":
-            self.drafter = LlamaServerDrafter(self.draft_backend)
-            log.warning("draft vocabulary not checked (no local model file); assuming it matches")
-        elif self.draft_backend.kind == "worker":
-            data = await self.draft_backend.get_json("/v1/tightwad/vocab")
-            theirs = from_pieces([bytes.fromhex(p) for p in data["pieces"]], data["eos"], data.get("bos"),
-                                 data["fingerprint"])
-            if not same_vocab(theirs, self.text.vocab):
-                raise ConfigError("the worker draft's vocabulary differs from the target's: token ids "
-                                  "cannot be mapped; use a draft of the same family")
-            self.drafter = WorkerDrafter(self.draft_backend)
+            self.drafter = drafter(self.draft_backend)
         else:
             self.drafter = TextDrafter(self.draft_backend, self.text)
             log.warning("draft %s speaks text: proposals are re-tokenized with the target's tokenizer "
@@ -125,11 +142,11 @@ class SpeculativeMode:
             async for d in it:
                 parts.append(d.text)
                 if d.finish_reason is not None:
-                    return Result(text="".join(parts), finish_reason=d.finish_reason,
-                                  usage=d.usage)  # type: ignore[arg-type]
+                    assert d.usage is not None, "the last delta carries the usage"
+                    return Result(text="".join(parts), finish_reason=d.finish_reason, usage=d.usage)
         raise AssertionError("stream ended without a finish")
 
-    async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
+    async def stream(self, req: GenRequest) -> AsyncGenerator[Delta, None]:
         if self.relay_only or not self.draft_length.speculate_this_request():
             async for d in self._relay(req):
                 yield d
@@ -137,7 +154,7 @@ class SpeculativeMode:
         stats = RequestStats()
         try:
             prompt = await self._prompt(req)
-            assert self.text is not None
+            assert self.text is not None and self.verifier is not None and self.drafter is not None
             async with aclosing(speculate(
                     prompt, verifier=self.verifier, drafter=self.drafter, text=self.text,
                     sampling=self._sampling(req), max_tokens=req.max_tokens, stop=req.stop,
@@ -147,19 +164,14 @@ class SpeculativeMode:
         finally:
             self.totals.add(stats)
 
-    async def _relay(self, req: GenRequest) -> AsyncIterator[Delta]:
+    async def _relay(self, req: GenRequest) -> AsyncGenerator[Delta, None]:
         t0 = time.perf_counter()
         parts: list[str] = []
         self.totals.relayed += 1
         s = self._sampling(req)
         # the same defaults as the speculative path (OpenAI's temperature 1), not the server's
-        req = msgspec.structs.replace(req, temperature=s.temperature, top_p=s.top_p)
-        if self.target.kind == "llama-server" and not s.greedy:
-            # the sampler the verifier uses, without llama-server's extra default samplers
-            fields = sampler_fields(s, 0)
-            fields.pop("n_probs")
-            fields.pop("post_sampling_probs")
-            req = msgspec.structs.replace(req, extra={**req.extra, **fields})
+        # and the sampler a verifier checks against, without a server's extra default samplers
+        req = msgspec.structs.replace(req, temperature=s.temperature, top_p=s.top_p, exact_sampler=True)
         async with aclosing(self.target.stream(req)) as it:
             async for d in it:
                 parts.append(d.text)
@@ -174,24 +186,17 @@ class SpeculativeMode:
                 yield d
 
     def status(self) -> dict[str, Any]:
-        return {"mode": self.name, "verifier": {"rung": self.rung, "label": self.verifier.label if self.verifier
-                                                else GenerateCompareVerifier.label,
-                                                "exact": True, "speedup": not self.relay_only},
-                "draft": getattr(self.drafter, "name", None), "draft_length": self.draft_length.snapshot(),
+        label = self.verifier.label if self.verifier is not None else RELAY_LABEL
+        return {"mode": self.name, "verifier": {"rung": self.rung, "label": label, "exact": True,
+                                                "speedup": not self.relay_only},
+                "draft": None if self.drafter is None else self.drafter.name, "draft_length": self.draft_length.snapshot(),
                 "draft_health": {"usable": self.guard.usable(), "last_error": self.guard.last_error},
                 **self.totals.snapshot()}
 
 
-def make(profile: Profile, backends: dict[str, Backend]) -> SpeculativeMode:
-    return SpeculativeMode(profile, backends)
-
-
-make.roles = SpeculativeMode.roles  # type: ignore[attr-defined]
-
-
 @hookimpl
-def register_modes(register):  # type: ignore[no-untyped-def]
-    register("speculative", make)
+def register_modes(register: Callable[[str, ModeFactory], None]) -> None:
+    register("speculative", SpeculativeMode)
 
 
-__all__ = ["SpeculativeMode", "trio"]
+__all__ = ["SpeculativeMode", "pick_rung"]

@@ -7,53 +7,48 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tightwad_core.errors import BackendError
 from tightwad_core.config.profiles import ConfigError
-from tightwad_core.vocab import Vocab, from_pieces, load_vocab
+from tightwad_core.roles import Backend, TokenBackend
+from tightwad_core.vocab import Vocab
 
 log = logging.getLogger("tightwad.spec")
+#: Text that exercises bytes, UTF-8 and digits, for checking a borrowed vocabulary.
+PROBE = "def main():\n    print('héllo, 世界')  # 123"
 
 
-def local_vocab(backend: Any) -> Vocab | None:
-    """The vocabulary of a backend whose GGUF file is on this machine."""
-    path = getattr(backend, "model_file", None)
-    if path is None or not path.exists():
-        return None
-    return load_vocab(path)
+async def vocab_of(backend: Backend) -> Vocab | None:
+    """The vocabulary of a backend that can tell (None for text-only backends)."""
+    return await backend.vocab() if isinstance(backend, TokenBackend) else None
 
 
 class TargetTokenizer:
-    def __init__(self, backend: Any) -> None:
+    def __init__(self, backend: TokenBackend) -> None:
         self.backend = backend
-        self.vocab: Vocab = None  # type: ignore[assignment]
+        self._vocab: Vocab | None = None
+
+    @property
+    def vocab(self) -> Vocab:
+        if self._vocab is None:
+            raise RuntimeError("the target's vocabulary is not loaded yet")
+        return self._vocab
 
     @property
     def eos(self) -> frozenset[int]:
         return self.vocab.eos
 
-    async def load(self, fallback_files: list[Vocab | None]) -> None:
-        own = local_vocab(self.backend)
-        if own is not None:
-            self.vocab = own
+    async def load(self, fallback: Vocab | None) -> None:
+        """The target's own vocabulary, or else ``fallback`` (the draft's), checked
+        on a probe text against the target's tokenizer."""
+        self._vocab = await self.backend.vocab()
+        if self._vocab is not None:
             return
-        if self.backend.kind == "worker":
-            data = await self.backend.get_json("/v1/tightwad/vocab")
-            try:
-                self.vocab = from_pieces([bytes.fromhex(p) for p in data["pieces"]], data["eos"],
-                                         data.get("bos"), data["fingerprint"])
-            except (KeyError, ValueError, TypeError) as exc:
-                raise BackendError("the worker sent a malformed vocabulary") from exc
-            return
-        for v in fallback_files:
-            if v is not None:
-                probe = "def main():\n    print('héllo, 世界')  # 123"
-                theirs = await self.backend.tokenize(probe, add_special=False)
-                ours = [t for t in theirs if t < v.n_vocab]
-                text = b"".join(v.piece(t) for t in ours).decode("utf-8", "replace")
-                if len(ours) == len(theirs) and text == probe:
-                    log.warning("target vocabulary taken from the draft's model file (checked on a probe)")
-                    self.vocab = v
-                    return
+        if fallback is not None:
+            theirs = await self.backend.tokenize(PROBE, add_special=False)
+            ours = [t for t in theirs if t < fallback.n_vocab]
+            if len(ours) == len(theirs) and fallback.decode(ours).decode("utf-8", "replace") == PROBE:
+                log.warning("target vocabulary taken from the draft's model file (checked on a probe)")
+                self._vocab = fallback
+                return
         raise ConfigError("cannot learn the target's vocabulary: launch it with model_path, use a worker "
                           "target, or a draft of the same family whose GGUF is on this machine")
 

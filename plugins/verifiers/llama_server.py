@@ -1,5 +1,5 @@
 """Speculation against a stock llama-server: the `prefix-batch` and
-`generate-compare` verifiers and the llama-server drafter.
+`generate-compare` verifier rungs.
 
 prefix-batch: the K+1 prefixes (context, context + d1, ..., context + d1..dK)
 go in ONE `/completion` request with `n_predict: 1`; the server answers the
@@ -11,6 +11,7 @@ prefix from being recomputed in every slot it lands in.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,33 +19,10 @@ import numpy as np
 from tightwad_core.errors import BackendError
 from tightwad_core.hookspecs import hookimpl
 from tightwad_core.http.wire import post_json
-from tightwad_core.spec.interfaces import Proposal, SamplingParams, Verdict
+from tightwad_core.roles import VerifierFactory
 from tightwad_core.spec.accept import accept_greedy, accept_sampled
-
-#: Largest distribution support that llama-server reports per position.
-MAX_PROBS = 64
-
-
-def sampler_fields(s: SamplingParams, n_probs: int) -> dict[str, Any]:
-    """llama-server request fields for exactly our sampler (its extra samplers off)."""
-    if s.greedy:
-        return {"temperature": 0.0, "n_probs": n_probs}
-    return {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "min_p": 0.0,
-            "typical_p": 1.0, "repeat_penalty": 1.0, "n_probs": n_probs, "post_sampling_probs": True,
-            "samplers": ["top_k", "top_p", "temperature"]}
-
-
-def probs_row(step: dict[str, Any]) -> tuple[dict[int, float], bool]:
-    """A position's post-sampling distribution and whether it is complete."""
-    row = {int(t["id"]): float(t["prob"]) for t in step.get("top_probs") or ()}
-    return row, abs(sum(row.values()) - 1.0) < 2e-3
-
-
-def gap(step: dict[str, Any]) -> float | None:
-    top = step.get("top_logprobs") or []
-    if len(top) < 2:
-        return None
-    return float(top[0]["logprob"]) - float(top[1]["logprob"])
+from tightwad_core.spec.interfaces import Proposal, SamplingParams, Verdict
+from tightwad_plugins.backends.llama_wire import MAX_PROBS, gap, probs_row, sampler_fields
 
 
 def _rng(s: SamplingParams) -> np.random.Generator:
@@ -103,6 +81,9 @@ class PrefixBatchSession(_Session):
 
 class PrefixBatchVerifier:
     rung = "prefix-batch"
+    rank = 3
+    requires = "llama-completion"
+    pinnable = False
     exact = True
     one_pass = True
     label = "prefix-batch: exact; K+1 prefixes checked in one request (K+1 sequences of compute)"
@@ -140,6 +121,7 @@ class GenerateCompareSession(_Session):
 
 class GenerateCompareVerifier(PrefixBatchVerifier):
     rung = "generate-compare"
+    rank = 4
     one_pass = False
     label = ("generate-compare: correct output, NO speed-up: the target generates every token "
              "itself and the draft is only compared")
@@ -148,49 +130,7 @@ class GenerateCompareVerifier(PrefixBatchVerifier):
         return GenerateCompareSession(self.backend, prompt, sampling)
 
 
-class LlamaServerDrafter:
-    """Draft tokens from a llama-server with the target's vocabulary."""
-
-    def __init__(self, backend: Any) -> None:
-        self.backend = backend
-        self.name = f"llama-server at {backend.base_url}"
-        self._rng = np.random.default_rng()
-
-    async def propose(self, context: list[int], k: int, sampling: SamplingParams) -> Proposal:
-        t0 = time.perf_counter()
-        if sampling.greedy:
-            fields = sampler_fields(sampling, 0)
-            fields.pop("n_probs")
-        else:
-            # Any q is exact as long as it is what the draft sampled from: cap its
-            # support so the server reports all of it.
-            top_k = min(sampling.top_k or MAX_PROBS, MAX_PROBS)
-            fields = sampler_fields(SamplingParams(temperature=sampling.temperature, top_k=top_k,
-                                                   top_p=sampling.top_p), top_k)
-        # a request's seed makes its drafts reproducible too (same context, same proposal)
-        seed = (int(self._rng.integers(0, 2**31 - 1)) if sampling.seed is None
-                else (sampling.seed * 1_000_003 + len(context)) % (2**31 - 1))
-        body = {"prompt": context, "n_predict": k, "cache_prompt": True, "return_tokens": True,
-                "seed": seed, **fields}
-        data = await post_json(self.backend.client, "/completion", body, self.backend.where)
-        tokens = [int(t) for t in data.get("tokens") or ()][:k]
-        q = None
-        if not sampling.greedy:
-            # llama-server may leave out the entry of a token that ends inside a
-            # UTF-8 character; a token whose q we do not have cannot be proposed
-            # exactly, so the proposal stops at the first missing or misaligned one
-            steps = data.get("completion_probabilities") or []
-            q = []
-            for t, st in zip(tokens, steps):
-                row = probs_row(st)[0]
-                if int(st.get("id", -1)) != t or row.get(t, 0.0) <= 0.0:
-                    break
-                q.append(row)
-            tokens = tokens[: len(q)]
-        return Proposal(tokens=tokens, q=q, seconds=time.perf_counter() - t0)
-
-
 @hookimpl
-def register_verifiers(register):  # type: ignore[no-untyped-def]
+def register_verifiers(register: Callable[[str, VerifierFactory], None]) -> None:
     register("prefix-batch", PrefixBatchVerifier)
     register("generate-compare", GenerateCompareVerifier)

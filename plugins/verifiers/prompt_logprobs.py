@@ -1,13 +1,12 @@
-"""Speculation against any OpenAI-compatible server: the `prompt-logprobs`
-verifier (servers that return log-probabilities for prompt positions, such as
-vLLM with `echo` + `logprobs`, or a Tightwad worker) and the text drafter
-(any server that completes text; its proposal is re-tokenized with the
-target's tokenizer)."""
+"""The `prompt-logprobs` rung: any OpenAI-compatible server that returns
+log-probabilities for prompt positions, such as vLLM with `echo` +
+`logprobs`, or a Tightwad worker."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -15,9 +14,9 @@ import numpy as np
 from tightwad_core.errors import BackendError
 from tightwad_core.hookspecs import hookimpl
 from tightwad_core.http.wire import post_json
-from tightwad_core.records import GenRequest
-from tightwad_core.spec.interfaces import Proposal, SamplingParams, TargetText, Verdict
+from tightwad_core.roles import VerifierFactory
 from tightwad_core.spec.accept import accept_greedy, accept_sampled
+from tightwad_core.spec.interfaces import Proposal, SamplingParams, Verdict
 
 TOP_N = 20  # log-probabilities asked for per position (vLLM's usual maximum)
 
@@ -105,6 +104,9 @@ class PromptLogprobsSession:
 
 class PromptLogprobsVerifier:
     rung = "prompt-logprobs"
+    rank = 2
+    requires = "prompt-logprobs"
+    pinnable = True  # servers cannot announce prompt logprobs: pin the rung for one that has them
     exact = True
     one_pass = True
     label = "prompt-logprobs: exact; one request per round returns the target's choice at every draft position"
@@ -116,26 +118,6 @@ class PromptLogprobsVerifier:
         return PromptLogprobsSession(self.backend, prompt, sampling)
 
 
-class TextDrafter:
-    """A draft that only speaks text: it continues the context's text and the
-    target's tokenizer turns its answer into ids. Its proposals are
-    deterministic, which rejection sampling handles as q = one-hot."""
-
-    def __init__(self, backend: Any, target: TargetText) -> None:
-        self.backend = backend
-        self.target = target
-        self.name = f"{backend.kind} (text) at {getattr(backend, 'base_url', '?')}"
-
-    async def propose(self, context: list[int], k: int, sampling: SamplingParams) -> Proposal:
-        t0 = time.perf_counter()
-        text = b"".join(self.target.piece(t) for t in context).decode("utf-8", "replace")
-        req = GenRequest(kind="completion", prompt=text, max_tokens=k, temperature=0.0)
-        result = await self.backend.generate(req)
-        ids = (await self.target.tokenize(result.text, special=False))[:k] if result.text else []
-        return Proposal(tokens=ids, q=[{t: 1.0} for t in ids] if not sampling.greedy else None,
-                        seconds=time.perf_counter() - t0)
-
-
 @hookimpl
-def register_verifiers(register):  # type: ignore[no-untyped-def]
+def register_verifiers(register: Callable[[str, VerifierFactory], None]) -> None:
     register("prompt-logprobs", PromptLogprobsVerifier)

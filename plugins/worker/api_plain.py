@@ -6,17 +6,16 @@ template) and ``/v1/models``."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
 import msgspec
 from quart import Blueprint, Response, current_app, request
 
-from tightwad_core.http.common import check_messages, check_stop, decode_body, new_id
 from tightwad_core.errors import BadRequest, TightwadError, UnsupportedParam
+from tightwad_core.http.common import check_messages, check_stop, decode_body, new_id
 from tightwad_core.spec.interfaces import SamplingParams
-
 from tightwad_plugins.worker.engine import Engine
 from tightwad_plugins.worker.generate import Chunk, GenOptions, TokenLP, generate
 from tightwad_plugins.worker.protocol import MAX_TOP_LOGPROBS, check_tokens
@@ -53,7 +52,8 @@ class ChatBody(_Common, kw_only=True):
 
 
 def _engine() -> Engine:
-    return current_app.config["WORKER_ENGINE"]  # type: ignore[no-any-return]
+    eng: Engine = current_app.config["WORKER_ENGINE"]
+    return eng
 
 
 def _model_name(eng: Engine) -> str:
@@ -72,8 +72,8 @@ def apply_template(eng: Engine, messages: list[dict[str, Any]]) -> str:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         v = eng.vocab
-        eos = v.pieces[min(v.eos)].decode("utf-8", "replace") if v.eos else ""
-        bos = v.pieces[v.bos].decode("utf-8", "replace") if v.bos is not None else ""
+        eos = v.special(min(v.eos)).decode("utf-8", "replace") if v.eos else ""
+        bos = v.special(v.bos).decode("utf-8", "replace") if v.bos is not None else ""
         fmt = Jinja2ChatFormatter(template=eng.model.chat_template, eos_token=eos, bos_token=bos)
         eng.chat_formatter = fmt
     try:
@@ -104,7 +104,7 @@ def _options(body: _Common, max_tokens: int | None, **kw: Any) -> GenOptions:
 
 
 def _tok_str(eng: Engine, tok: int, ids: bool) -> str:
-    return f"token_id:{tok}" if ids else eng.vocab.pieces[tok].decode("utf-8", "replace")
+    return f"token_id:{tok}" if ids else eng.vocab.special(tok).decode("utf-8", "replace")
 
 
 def _legacy_logprobs(eng: Engine, c: Chunk, n_top: int, ids: bool) -> dict[str, Any]:
@@ -190,7 +190,7 @@ async def _respond(eng: Engine, chat: bool, prompt: list[int], opts: GenOptions,
     usage = bool((body.stream_options or {}).get("include_usage"))
     first = await gen.__anext__()  # errors before any output stay HTTP errors
 
-    async def events() -> AsyncIterator[bytes]:
+    async def events() -> AsyncGenerator[bytes, None]:
         async with aclosing(gen):
             try:
                 if chat:

@@ -4,43 +4,30 @@ llama-server-shaped helper routes, and the plain OpenAI routes (see
 
 from __future__ import annotations
 
-import hmac
 import logging
-from typing import Any
 
-import msgspec
 from quart import Response, current_app, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
 
+from tightwad_core.errors import BadRequest
 from tightwad_core.http.common import decode_body
-from tightwad_core.errors import BadRequest, PayloadTooLarge, TightwadError, Unauthorized
-
+from tightwad_core.http.serving import guard, json_response
 from tightwad_plugins.worker.engine import Engine
-from tightwad_plugins.worker.protocol import (DetokenizeBody, DraftRequest, TemplateBody, TokenizeBody, VerifyRequest,
-                       check_tokens)
+from tightwad_plugins.worker.protocol import (
+    DetokenizeBody,
+    DraftRequest,
+    TemplateBody,
+    TokenizeBody,
+    VerifyRequest,
+    check_tokens,
+)
 
 log = logging.getLogger("tightwad.worker")
-_enc = msgspec.json.Encoder()
-OPEN_PATHS = frozenset({"/health"})
-
-
-def json_response(obj: Any, status: int = 200) -> Response:
-    return Response(_enc.encode(obj), status=status, content_type="application/json")
 
 
 def engine() -> Engine:
-    return current_app.config["WORKER_ENGINE"]  # type: ignore[no-any-return]
-
-
-def _check_auth(api_key: str | None, header: str | None) -> None:
-    if not api_key:
-        return
-    token = ""
-    if header and header[:7].lower() == "bearer ":
-        token = header[7:].strip()
-    if not hmac.compare_digest(token.encode(), api_key.encode()):
-        raise Unauthorized("missing or wrong bearer token (send `Authorization: Bearer <key>`)")
+    eng: Engine = current_app.config["WORKER_ENGINE"]
+    return eng
 
 
 def create_worker_app(eng: Engine, api_key: str | None = None, max_body_bytes: int = 8 << 20,
@@ -50,41 +37,9 @@ def create_worker_app(eng: Engine, api_key: str | None = None, max_body_bytes: i
     app = QuartTrio("tightwad-worker")
     app.config["WORKER_ENGINE"] = eng
     app.config["WORKER_MAX_TOKENS"] = max_tokens_limit
-    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
-    app.config["RESPONSE_TIMEOUT"] = None
-    app.config["BODY_TIMEOUT"] = 60
     app.register_blueprint(api_plain.bp)
-
-    @app.before_request
-    async def _guard() -> None:
-        if request.path not in OPEN_PATHS:
-            _check_auth(api_key, request.headers.get("authorization"))
-        length = request.content_length
-        if length is not None and length > max_body_bytes:
-            raise PayloadTooLarge(f"request body of {length} bytes is over the limit of "
-                                  f"{max_body_bytes}")
-
-    @app.errorhandler(TightwadError)
-    async def _ours(exc: TightwadError) -> Response:
-        return json_response(exc.body(), exc.status)
-
-    @app.errorhandler(HTTPException)
-    async def _http(exc: HTTPException) -> Response:
-        status = exc.code or 500
-        if status == 413:
-            err: TightwadError = PayloadTooLarge(
-                f"request body is over the limit of {max_body_bytes} bytes")
-        else:
-            err = TightwadError(exc.description or exc.name)
-            err.status = status
-            err.type = "not_found_error" if status == 404 else "invalid_request_error"
-        return json_response(err.body(), err.status)
-
-    @app.errorhandler(Exception)
-    async def _unexpected(exc: Exception) -> Response:
-        log.exception("unexpected error on %s", request.path)
-        err = TightwadError(f"internal error: {exc.__class__.__name__}")
-        return json_response(err.body(), err.status)
+    guard(app, api_key=api_key, max_body_bytes=max_body_bytes,
+          render=lambda exc: json_response(exc.body(), exc.status))
 
     # ------------------------------------------------------------ speculation
 

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import click
 import trio
-from hypercorn.config import Config as HyperConfig
-from hypercorn.trio import serve as hyper_serve
 
+from tightwad_core.cli.main import _fail, _leaf
 from tightwad_core.config.profiles import is_loopback
-
+from tightwad_core.http.serving import serve_app
 from tightwad_plugins.worker.app import create_worker_app
 from tightwad_plugins.worker.engine import Engine
 
@@ -58,16 +57,8 @@ async def serve_worker(model: Path, host: str = "127.0.0.1", port: int = 8090, *
         async with trio.open_nursery() as nursery:
             await nursery.start(eng.run)
             app = create_worker_app(eng, api_key, max_body_bytes, max_tokens_limit)
-            hc = HyperConfig()
-            hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-            hc.accesslog = None
-            hc.errorlog = logging.getLogger("hypercorn.error")
-            hc.keep_alive_max_requests = 1_000_000
-            hc.graceful_timeout = 3.0
-
             async def http(task_status: trio.TaskStatus[list[str]]) -> None:
-                await hyper_serve(app, hc, shutdown_trigger=shutdown.wait,  # type: ignore[arg-type]
-                                  task_status=task_status)
+                await serve_app(app, host, port, shutdown, task_status=task_status)
                 nursery.cancel_scope.cancel()
 
             binds = await nursery.start(http)
@@ -78,7 +69,7 @@ async def serve_worker(model: Path, host: str = "127.0.0.1", port: int = 8090, *
         await eng.close()
 
 
-async def _until_signal(**kw: object) -> None:
+async def _until_signal(**kw: Any) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             running: RunningWorker = await nursery.start(partial(serve_worker, **kw))
@@ -87,18 +78,6 @@ async def _until_signal(**kw: object) -> None:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
                 running.shutdown.set()
                 break
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    """The first real error inside (nested) exception groups."""
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
-
-
-def _fail(msg: str) -> None:
-    click.echo(f"error: {msg}", err=True)
-    sys.exit(2)
 
 
 @click.command("worker")

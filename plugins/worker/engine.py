@@ -20,11 +20,20 @@ import numpy as np
 import trio
 
 from tightwad_core.errors import BadRequest
-
 from tightwad_plugins.worker import rejection
 from tightwad_plugins.worker.model import Model
-from tightwad_plugins.worker.protocol import (MAX_DRAFT, MAX_Q_SUPPORT, ContextFull, DraftRequest, DraftResponse,
-                       SessionConflict, VerifyRequest, VerifyResponse, check_sampling, check_tokens)
+from tightwad_plugins.worker.protocol import (
+    MAX_DRAFT,
+    MAX_Q_SUPPORT,
+    ContextFull,
+    DraftRequest,
+    DraftResponse,
+    SessionConflict,
+    VerifyRequest,
+    VerifyResponse,
+    check_sampling,
+    check_tokens,
+)
 from tightwad_plugins.worker.sessions import Session, SessionTable, Slot
 
 log = logging.getLogger("tightwad.worker")
@@ -47,7 +56,8 @@ class Engine:
         v = self.vocab  # the body of GET /v1/tightwad/vocab, built once (in the load thread)
         self.vocab_body = msgspec.json.encode({
             "n_vocab": v.n_vocab, "fingerprint": v.fingerprint, "eos": sorted(v.eos),
-            "bos": v.bos, "pieces": [p.hex() for p in v.pieces]})
+            "bos": v.bos, "pieces": [p.hex() for p in v.pieces],
+            "specials": [p.hex() for p in v.specials]})
         self.started = time.time()
         self.rounds = 0
         self.chat_formatter: Any = None  # built on first use from the GGUF's chat template

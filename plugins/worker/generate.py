@@ -13,14 +13,14 @@ whatever the sampler settings.
 from __future__ import annotations
 
 import codecs
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from tightwad_core.spec.emitter import stop_holdback
 from tightwad_core.spec.interfaces import SamplingParams
-
 from tightwad_plugins.worker import rejection
 from tightwad_plugins.worker.engine import Engine
 from tightwad_plugins.worker.protocol import ContextFull
@@ -74,17 +74,6 @@ def token_lp(row: np.ndarray, tok: int, n_top: int) -> TokenLP:
     return TokenLP(logprob=float(x[tok] - lse), rank=int((x > x[tok]).sum()) + 1, top=top)
 
 
-def _holdback(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest end of ``text`` that could still become a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
-
-
 class _Picker:
     """Chooses each next token inside the engine thread."""
 
@@ -127,7 +116,7 @@ class _Picker:
 
 
 async def generate(engine: Engine, prompt: list[int], opts: GenOptions, *,
-                   stream: bool) -> AsyncIterator[Chunk]:
+                   stream: bool) -> AsyncGenerator[Chunk, None]:
     """Chunks of output; the last one has ``finish_reason`` and the usage counts."""
     vocab = engine.vocab
     if len(prompt) >= engine.n_ctx:
@@ -149,7 +138,7 @@ async def generate(engine: Engine, prompt: list[int], opts: GenOptions, *,
             for i, t in enumerate(prompt):
                 head.tokens.append(t)
                 head.offsets.append(len(head.text))
-                head.text += dec.decode(vocab.text_pieces[t])
+                head.text += dec.decode(vocab.pieces[t])
                 if opts.logprobs is not None:
                     head.lps.append(prompt_lps[i] if prompt_lps else None)
             head.text += dec.decode(b"", final=True)
@@ -170,7 +159,7 @@ async def generate(engine: Engine, prompt: list[int], opts: GenOptions, *,
             if opts.logprobs is not None:
                 pending.lps.append(lp)
             before = len(text)
-            text += dec.decode(vocab.text_pieces[tok])
+            text += dec.decode(vocab.pieces[tok])
             if opts.stop:
                 start = max(0, before - max(len(s) for s in opts.stop) + 1)
                 hits = [i for i in (text.find(s, start) for s in opts.stop) if i >= 0]
@@ -181,7 +170,7 @@ async def generate(engine: Engine, prompt: list[int], opts: GenOptions, *,
                 finish = "length"
                 break
             if stream:
-                safe = len(text) - _holdback(text, opts.stop)
+                safe = len(text) - stop_holdback(text, opts.stop)
                 if safe > sent or pending.tokens:
                     pending.text = text[sent:max(safe, sent)]
                     sent = max(safe, sent)

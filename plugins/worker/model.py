@@ -14,19 +14,20 @@ needed in the batch, which is llama.cpp's per-batch equivalent.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from tightwad_core.vocab import Vocab, load_vocab
 
 #: Most positions whose logits one decode call returns (bounds the output buffer).
 MAX_OUTPUTS_PER_DECODE = 64
 
 
-def _lib():  # type: ignore[no-untyped-def]
+def _lib() -> Any:
     import llama_cpp
 
     return llama_cpp
@@ -37,22 +38,6 @@ def _quiet(verbose: bool) -> None:
     from llama_cpp import _logger
 
     _logger.set_verbose(verbose)
-
-
-@dataclass(frozen=True)
-class Vocab:
-    """Facts about the vocabulary, computed once at load."""
-
-    n_vocab: int
-    pieces: tuple[bytes, ...]  # each token's bytes, control tokens rendered as their text
-    text_pieces: tuple[bytes, ...]  # bytes a token adds to generated text (control: b"")
-    eos: frozenset[int]  # end-of-generation tokens
-    bos: int | None
-    add_bos: bool
-    fingerprint: str  # sha256 of all `pieces`, in order
-
-    def decode(self, tokens: Sequence[int]) -> bytes:
-        return b"".join(self.text_pieces[t] for t in tokens)
 
 
 class Model:
@@ -105,20 +90,17 @@ class Model:
         return buf.raw[:n]
 
     def _vocab(self) -> Vocab:
+        """The core vocabulary record: llama.cpp's own pieces and end-of-generation
+        set, and the fingerprint of the GGUF's token list (what every side compares)."""
         llama_cpp = _lib()
         n = int(llama_cpp.llama_vocab_n_tokens(self.vocab_ptr))
-        pieces = tuple(self.piece(t, True) for t in range(n))
+        specials = tuple(self.piece(t, True) for t in range(n))
         text = tuple(self.piece(t, False) for t in range(n))
         eos = frozenset(t for t in range(n) if llama_cpp.llama_vocab_is_eog(self.vocab_ptr, t))
         bos = int(llama_cpp.llama_vocab_bos(self.vocab_ptr))
-        digest = hashlib.sha256()
-        for p in pieces:
-            digest.update(len(p).to_bytes(4, "little"))
-            digest.update(p)
-        return Vocab(n_vocab=n, pieces=pieces, text_pieces=text, eos=eos,
-                     bos=bos if 0 <= bos < n else None,
-                     add_bos=bool(llama_cpp.llama_vocab_get_add_bos(self.vocab_ptr)),
-                     fingerprint=digest.hexdigest())
+        return Vocab(pieces=text, eos=eos, bos=bos if 0 <= bos < n else None,
+                     fingerprint=load_vocab(self.path).fingerprint, specials=specials,
+                     add_bos=bool(llama_cpp.llama_vocab_get_add_bos(self.vocab_ptr)))
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
         llama_cpp = _lib()

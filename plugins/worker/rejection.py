@@ -1,15 +1,5 @@
-"""The acceptance rules of speculative decoding, as plain NumPy.
-
-Greedy (temperature 0): a draft token is kept while it equals the target's
-argmax at its position; the target's argmax after the kept prefix is the
-extra token (a correction, or a bonus token when every draft was kept).
-
-Sampling (temperature > 0), after Leviathan et al. 2023 and Chen et al. 2023:
-draft token ``x`` at position ``i`` is kept with probability
-``min(1, p_i(x) / q_i(x))``; at the first rejection the extra token is drawn
-from ``normalize(max(0, p_i - q_i))``; when all are kept it is drawn from
-``p`` at the position after the last draft. Every emitted token is then
-distributed exactly as if the target had sampled it alone.
+"""The worker's sampler over raw logits, and the acceptance rules of
+:mod:`tightwad_core.spec.accept` applied to logits rows.
 
 ``p`` is the target's distribution under the request's sampler: logits
 divided by the temperature, softmax, then the ``top_k`` most likely tokens,
@@ -23,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from tightwad_core.spec import accept
 from tightwad_core.spec.interfaces import SamplingParams
 
 #: Largest support a drafter sends for one position (see :func:`draft_probs`).
@@ -121,12 +112,7 @@ def sparse(probs: np.ndarray) -> dict[int, float]:
 
 def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
     """One draw from a (possibly unnormalised, nonnegative) distribution."""
-    idx = np.flatnonzero(probs > 0)
-    if len(idx) == 0:
-        raise ValueError("cannot sample from an all-zero distribution")
-    cdf = np.cumsum(probs[idx])
-    u = rng.random() * cdf[-1]
-    return int(idx[min(int(np.searchsorted(cdf, u, side="right")), len(idx) - 1)])
+    return accept.draw(probs, rng)
 
 
 def top2_gap(logits_row: np.ndarray) -> float:
@@ -151,16 +137,8 @@ def accept_greedy(logits_rows: np.ndarray,
     rows = np.asarray(logits_rows)
     if rows.shape[0] != len(draft) + 1:
         raise ValueError(f"need {len(draft) + 1} logits rows, got {rows.shape[0]}")
-    accepted = 0
-    gaps: list[float] = []
-    for i, tok in enumerate(draft):
-        gaps.append(top2_gap(rows[i]))
-        if int(np.argmax(rows[i])) != int(tok):
-            break
-        accepted += 1
-    else:
-        gaps.append(top2_gap(rows[len(draft)]))
-    return accepted, int(np.argmax(rows[accepted])), gaps
+    accepted, token = accept.accept_greedy([int(np.argmax(r)) for r in rows], draft)
+    return accepted, token, [top2_gap(rows[i]) for i in range(accepted + 1)]
 
 
 def accept_sampled(logits_rows: np.ndarray, draft: Sequence[int],
@@ -169,25 +147,10 @@ def accept_sampled(logits_rows: np.ndarray, draft: Sequence[int],
     """``(accepted, token)`` for a sampling round (rejection sampling).
 
     ``q_rows[i]`` is the draft's distribution at draft position ``i`` as
-    ``{token id: probability}``; ``draft[i]`` was drawn from it. A draft
-    token the draft gave no probability is rejected.
+    ``{token id: probability}``; ``draft[i]`` was drawn from it. The target's
+    distributions are computed from the logits only for the rows needed.
     """
     rows = np.asarray(logits_rows)
     if rows.shape[0] != len(draft) + 1 or len(q_rows) != len(draft):
         raise ValueError("need len(draft) + 1 logits rows and len(draft) q rows")
-    for i, tok in enumerate(draft):
-        p = target_probs(rows[i], params)
-        q = q_rows[i]
-        qx = float(q.get(int(tok), 0.0))
-        px = float(p[int(tok)]) if 0 <= int(tok) < len(p) else 0.0
-        if qx > 0.0 and rng.random() < min(1.0, px / qx):
-            continue
-        residual = p.copy()
-        for t, prob in q.items():
-            if 0 <= int(t) < len(residual):
-                residual[int(t)] -= float(prob)
-        np.maximum(residual, 0.0, out=residual)
-        if residual.sum() <= 1e-12:  # p and q agree numerically: draw from p
-            residual = p
-        return i, sample(residual, rng)
-    return len(draft), sample(target_probs(rows[len(draft)], params), rng)
+    return accept.accept_sampled(lambda i: target_probs(rows[i], params), q_rows, draft, rng)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import codecs
 import json
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,11 +56,6 @@ def _ratio(num: float, den: float) -> float | None:
     return num / den if den else None
 
 
-def gap_of(values: Sequence[float]) -> float | None:
-    top = sorted(values, reverse=True)
-    return float(top[0] - top[1]) if len(top) >= 2 else None
-
-
 def divergence_index(direct_ids: list[int], proxy_text: str, piece: Callable[[int], bytes]) -> int:
     """Index of the first direct token whose text the proxy's answer does not share.
 
@@ -83,44 +78,6 @@ def divergence_index(direct_ids: list[int], proxy_text: str, piece: Callable[[in
     if held_from is not None and not proxy_text.startswith(text):
         return held_from
     return len(direct_ids)
-
-
-def _incomplete_tail(buf: bytes) -> bool:
-    """Whether ``buf`` ends inside a UTF-8 character, by llama-server's own test."""
-    for i in range(1, min(4, len(buf)) + 1):
-        c = buf[-i]
-        if (c & 0xE0) == 0xC0 and i < 2 or (c & 0xF0) == 0xE0 and i < 3 or (c & 0xF8) == 0xF0 and i < 4:
-            return True
-    return False
-
-
-def align_gaps(tokens: list[int], steps: list[dict[str, Any]],
-               piece: Callable[[int], bytes]) -> list[float | None]:
-    """The top-2 gap at each generated position.
-
-    llama-server leaves out the probabilities of a token after which the text
-    ends inside a UTF-8 character, so ``completion_probabilities`` can be
-    shorter than ``tokens``; such positions get None. Every kept entry must
-    name the token at its position, else no gap is trusted."""
-
-    def gap(step: dict[str, Any]) -> float | None:
-        return gap_of([float(t["logprob"]) for t in step.get("top_logprobs") or ()])
-
-    if len(steps) == len(tokens) and all(int(s.get("id", -1)) == t for s, t in zip(steps, tokens)):
-        return [gap(s) for s in steps]
-    out: list[float | None] = []
-    buf = b""
-    j = 0
-    for tok in tokens:
-        buf += piece(tok)
-        if _incomplete_tail(buf[-4:]):
-            out.append(None)
-        elif j < len(steps) and int(steps[j].get("id", -1)) == tok:
-            out.append(gap(steps[j]))
-            j += 1
-        else:
-            return [None] * len(tokens)
-    return out if j == len(steps) else [None] * len(tokens)
 
 
 def make_row(prompt: str, category: str | None, directs: list[DirectRun], proxies: list[ProxyRun],

@@ -9,7 +9,15 @@ from pathlib import Path
 import click
 
 from tightwad_core.cli.main import _fail, builtin_config, config_option, main, profile_option
-from tightwad_core.config.profiles import ConfigError, find_config, load_file, load_profile, to_toml
+from tightwad_core.config.profiles import (
+    ConfigError,
+    check_names,
+    find_config,
+    load_file,
+    load_profile,
+    to_toml,
+)
+from tightwad_core.config.starter import STARTER
 
 
 def _config_path(config: Path | None) -> Path:
@@ -30,16 +38,22 @@ def config() -> None:
 @click.option("--no-files", is_flag=True, help="Do not check that model files exist.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def config_check(config: Path | None, profile: str | None, no_files: bool, as_json: bool) -> None:
-    """Validate one profile, or every profile in the file.
+    """Validate one profile, or every profile in the file, including the mode,
+    backend and verifier names against the plugins that are installed.
 
     Exits 2 with one line naming the file, profile and field on the first error.
     """
+    from tightwad_core.plugins import load_registry
+
     path = _config_path(config)
+    reg = load_registry()
+    known = {kind: reg.names(kind) for kind in ("modes", "backends", "verifiers")}
     try:
         names = [profile] if profile else sorted(load_file(path).profiles)
         results = []
         for name in names:
             _, prof = load_profile(path, name, check_files=not no_files)
+            check_names(path, name, prof, known)
             results.append({"profile": name, "mode": prof.mode, "description": prof.description})
     except ConfigError as exc:
         if as_json:
@@ -65,34 +79,6 @@ def config_show(config: Path | None, profile: str | None) -> None:
     except ConfigError as exc:
         _fail(str(exc))
     click.echo(to_toml(prof), nl=False)
-
-
-STARTER = '''\
-# Tightwad configuration. Reference: docs/config.md
-# `tightwad config check` validates this file; `tightwad run` serves a profile.
-
-default_profile = "local"
-
-# Serve the models that `tightwad setup` fetched, launched on this machine.
-[profiles.local]
-description = "Qwen2.5-Coder 1.5B launched from the set-up cache"
-mode = "direct"
-listen = "127.0.0.1:8088"      # off loopback you must also set api_key or api_key_env
-max_tokens_limit = 4096
-
-[profiles.local.target]
-backend = "llama-server"
-model_path = "@qwen2.5-coder-1.5b"   # "@name": a model from `tightwad setup`; or a path to a .gguf
-ctx_size = 4096
-parallel = 2
-
-# Relay to a llama-server you already run elsewhere.
-[profiles.remote]
-description = "a llama-server already running on another machine"
-[profiles.remote.target]
-backend = "llama-server"
-url = "http://192.0.2.10:8080"
-'''
 
 
 @main.command()

@@ -12,11 +12,9 @@ from typing import Any
 
 import click
 
+from tightwad_core.bench.link import LinkSpec, parse_bandwidth, parse_delay
 from tightwad_core.cli.link import checked
 from tightwad_core.cli.main import _fail, _leaf, _load_for_run, builtin_config, main
-from tightwad_core.bench.link import LinkSpec, parse_bandwidth, parse_delay
-
-
 
 
 def _load(config: Path | None, profile: str | None) -> tuple[str, Any, Path]:
@@ -107,10 +105,11 @@ def bench(config: Path | None, profile: str | None, prompts_file: Path | None, l
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tightwad_core.bench.run import BenchError, check_profile, load_prompts
+    from tightwad_core.bench.prompts import BenchError, load_prompts
     from tightwad_core.bench.report import render, write_json
-    from tightwad_core.runtime.procs import StartupError
+    from tightwad_core.bench.run import check_profile
     from tightwad_core.config.profiles import ConfigError
+    from tightwad_core.runtime.procs import StartupError
 
     console = Console()
     try:

@@ -10,8 +10,8 @@ from functools import partial
 import click
 import trio
 
-from tightwad_core.cli.main import _leaf, main
 from tightwad_core.bench.link import LinkSpec, parse_bandwidth, parse_delay, serve_link
+from tightwad_core.cli.main import _leaf, main
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -3,18 +3,17 @@ logging, the --config/--profile options and finding the profile to serve."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
 from tightwad_core import __version__
+from tightwad_core.config.profiles import load_profile
 from tightwad_core.config.shipped import builtin_config
-from tightwad_core.config.profiles import ConfigError, find_config, load_file, load_profile, to_toml
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -98,8 +97,8 @@ _run_options = [
 ]
 
 
-def _with(options: list[Any]):  # type: ignore[no-untyped-def]
-    def deco(f):  # type: ignore[no-untyped-def]
+def _with(options: list[Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def deco(f: Callable[..., Any]) -> Callable[..., Any]:
         for opt in reversed(options):
             f = opt(f)
         return f

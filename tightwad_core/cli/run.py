@@ -11,15 +11,23 @@ from typing import Any
 
 import click
 
-from tightwad_core.cli.main import _fail, _leaf, _load_for_run, _run_options, _setup_logging, _with, main
+from tightwad_core.cli.main import (
+    _fail,
+    _leaf,
+    _load_for_run,
+    _run_options,
+    _setup_logging,
+    _with,
+    main,
+)
 from tightwad_core.config.profiles import ConfigError, find_config
 
 
 def _run(config: Path | None, profile: str | None, listen: str | None, verbose: bool) -> None:
     import trio
 
-    from tightwad_core.runtime.procs import StartupError
     from tightwad_core.http.server import run_until_signal
+    from tightwad_core.runtime.procs import StartupError
 
     _setup_logging(verbose)
     path = find_config(config)

@@ -54,8 +54,14 @@ def setup(as_json: bool, check: bool, no_engine: bool, no_binding: bool, models:
         sys.exit(0 if st["ok"] else 1)
     names = None if models is None else [m.strip() for m in models.split(",") if m.strip()]
     from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
-                               TimeElapsedColumn)
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     console = Console(stderr=True)
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),

@@ -1,2 +1,2 @@
-"""Typed TOML profiles: the schema and loading (`profiles`), and where the
-shipped profiles live (`shipped`)."""
+"""Typed TOML profiles: the schema (`schema`), loading and validation
+(`profiles`), and where the shipped profiles live (`shipped`)."""

@@ -23,69 +23,25 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import msgspec
 
+from tightwad_core.config.schema import (
+    BackendConfig,
+    ConfigError,
+    ConfigFile,
+    Profile,
+    SpeculationConfig,
+)
 from tightwad_core.runtime.catalog import resolve_model
 
-
-class ConfigError(Exception):
-    """A config file that cannot be used; the message is one line for the user."""
-
-
-class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """One model server the proxy talks to (a target or a draft)."""
-
-    backend: str  # plugin name: "llama-server", "openai", "ollama", ...
-    url: str | None = None  # connect to a server already running at this base URL
-    model_path: str | None = None  # GGUF to launch ("@name" = built-in model from `tightwad setup`)
-    model: str | None = None  # model name to ask the upstream server for (openai/ollama)
-    api_key: str | None = None  # bearer token for the upstream server
-    api_key_env: str | None = None  # ...or the environment variable that holds it
-    ctx_size: int = 4096  # context length of each slot of a launched server
-    parallel: int = 2  # slots of a launched llama-server (concurrent requests)
-    threads: int | None = None  # CPU threads of a launched server (default: the engine's)
-    extra_args: list[str] = []  # further command-line arguments for a launched server
-    startup_timeout: float = 180.0  # seconds to wait for a launched server to become healthy
-    request_timeout: float = 600.0  # seconds before an upstream request is abandoned
-    restart: bool = True  # restart a launched server that dies
-
-
-class SpeculationConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """How the speculative mode drafts and verifies."""
-
-    max_draft_tokens: int | str = "auto"  # K draft tokens per round, or "auto" to pick K (0 = relay) by measurement
-    k_max: int = 12  # largest K that "auto" tries
-    verifier: str = "auto"  # rung: worker, prompt-logprobs, prefix-batch, generate-compare; auto = best the target offers
-    fallback_on_draft_failure: bool = True  # a failing or slow draft lets the request go on with the target alone
-    draft_timeout: float = 5.0  # seconds one proposal may take before the round goes on without it
-
-
-class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """One way of running the proxy."""
-
-    extends: str | None = None  # name of a profile whose settings this one starts from
-    description: str = ""  # one line shown by `tightwad config check`
-    mode: str = "direct"  # serving mode plugin: "direct" relays to the target
-    listen: str = "127.0.0.1:8088"  # host:port the proxy listens on
-    api_key: str | None = None  # bearer token clients must send (required off loopback)
-    api_key_env: str | None = None  # ...or the environment variable that holds it
-    served_model: str | None = None  # model name clients see (default: the target's)
-    max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
-    max_body_bytes: int = 1_048_576  # largest request body accepted
-    target: BackendConfig | None = None  # the model whose output is served
-    draft: BackendConfig | None = None  # the cheap model that proposes tokens
-    speculation: SpeculationConfig = msgspec.field(default_factory=SpeculationConfig)  # settings of the speculative mode
-
-
-class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """The whole file."""
-
-    default_profile: str | None = None  # profile used when --profile is not given
-    profiles: dict[str, dict[str, Any]] = {}  # name -> raw profile table
+__all__ = ["BackendConfig", "ConfigError", "ConfigFile", "Profile", "SpeculationConfig", "check_names",
+           "find_config", "is_loopback", "load_file", "load_profile", "parse_listen", "raw_profile",
+           "secret", "to_toml", "validate"]
 
 
 def find_config(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -123,12 +79,12 @@ def load_file(path: Path) -> ConfigFile:
         return msgspec.toml.decode(data, type=ConfigFile)
     except msgspec.ValidationError as exc:
         msg, field = _where(exc)
-        return _raise(path, None, field, msg)
+        _raise(path, None, field, msg)
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
 
 
-def _raise(path: Path, profile: str | None, field: str, msg: str) -> Any:
+def _raise(path: Path, profile: str | None, field: str, msg: str) -> NoReturn:
     parts = [str(path)]
     if profile is not None:
         parts.append(f"profile {profile!r}")
@@ -268,11 +224,24 @@ def validate(path: Path, name: str, prof: Profile, check_files: bool = True) -> 
         _raise(path, name, "speculation.max_draft_tokens", f'expected "auto" or a number from 0 to 64, got {k!r}')
     if not 1 <= spec.k_max <= 64:
         _raise(path, name, "speculation.k_max", "expected a number from 1 to 64")
-    rungs = ("auto", "worker", "prompt-logprobs", "prefix-batch", "generate-compare")
-    if spec.verifier not in rungs:
-        _raise(path, name, "speculation.verifier", f"expected one of {', '.join(rungs)}, got {spec.verifier!r}")
     if spec.draft_timeout <= 0:
         _raise(path, name, "speculation.draft_timeout", "expected a positive number of seconds")
+
+
+def check_names(path: Path, name: str, prof: Profile, known: Mapping[str, Sequence[str]]) -> None:
+    """Check the plugin names a profile uses against what is registered:
+    ``known`` maps ``"modes"``, ``"backends"`` and ``"verifiers"`` to names."""
+    def one(field: str, value: str, kind: str, extra: tuple[str, ...] = ()) -> None:
+        names = [*extra, *known.get(kind, ())]
+        if value not in names:
+            _raise(path, name, field, f"no {kind[:-1]} named {value!r} (known: {', '.join(names) or 'none'})")
+
+    one("mode", prof.mode, "modes")
+    for role in ("target", "draft"):
+        cfg = getattr(prof, role)
+        if cfg is not None:
+            one(f"{role}.backend", cfg.backend, "backends")
+    one("speculation.verifier", prof.speculation.verifier, "verifiers", ("auto",))
 
 
 def profile_names(path: Path) -> list[str]:

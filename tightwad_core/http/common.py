@@ -3,19 +3,17 @@ served-model check, auth, and turning mode output into text."""
 
 from __future__ import annotations
 
-import hmac
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import trio
 
-from tightwad_core.errors import BadRequest, NotFound, Unauthorized, UnsupportedParam
 from tightwad_core.config.profiles import Profile
-from tightwad_core.records import GenRequest
+from tightwad_core.errors import BadRequest, NotFound, UnsupportedParam
 from tightwad_core.roles import Backend, Mode
 
 #: Parameters that would let a request escape the proxy's limits or reach
@@ -59,17 +57,7 @@ class ServerState:
         raise NotFound(f"model {requested!r} is not served here (this proxy serves {served!r})",
                        param="model", code="model_not_found")
 
-    def check_auth(self, header: str | None) -> None:
-        if not self.api_key:
-            return
-        token = ""
-        if header and header[:7].lower() == "bearer ":
-            token = header[7:].strip()
-        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-            raise Unauthorized("missing or wrong bearer token (send `Authorization: Bearer <key>`)")
-
-
-def decode_body(raw: bytes, type_: type[Any]) -> Any:
+def decode_body(raw: bytes | str, type_: type[Any]) -> Any:
     """Decode a JSON body into a Struct; errors become 400s naming the field."""
     if not raw.strip():
         raise BadRequest("the request body is empty; expected a JSON object")
@@ -89,7 +77,7 @@ def decode_body(raw: bytes, type_: type[Any]) -> Any:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
 
 
-def extras(raw: bytes, known: frozenset[str]) -> dict[str, Any]:
+def extras(raw: bytes | str, known: frozenset[str]) -> dict[str, Any]:
     """Fields of the body that the typed decoder does not know."""
     data = msgspec.json.decode(raw)
     out = {k: v for k, v in data.items() if k not in known}
@@ -161,11 +149,8 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-async def first_and_rest(stream: AsyncIterator[Any]) -> tuple[Any, AsyncIterator[Any]]:
+async def first_and_rest(stream: AsyncGenerator[Any, None]) -> tuple[Any, AsyncGenerator[Any, None]]:
     """Pull the first item so errors before any output become HTTP errors."""
     first = await stream.__anext__()
     return first, stream
 
-
-def make_request(kind: str, **kw: Any) -> GenRequest:
-    return GenRequest(kind=kind, **kw)  # type: ignore[arg-type]

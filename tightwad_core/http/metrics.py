@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from tightwad_core.http.common import ServerState
 
+
 class _SpecCollector:
     """Speculation figures straight from the mode's totals."""
 

@@ -4,10 +4,9 @@ NDJSON, on by default as in Ollama."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from datetime import datetime, timezone
 from typing import Any
@@ -15,11 +14,18 @@ from typing import Any
 import msgspec
 from quart import Blueprint, Response, request
 
-from tightwad_core.http.common import (ServerState, check_messages, check_sampling, check_stop, decode_body,
-                         json_line)
-from tightwad_core.http.openai import state
 from tightwad_core.errors import BadRequest, TightwadError, UnsupportedParam
-from tightwad_core.records import Delta, GenRequest, Result
+from tightwad_core.http.common import (
+    ServerState,
+    check_messages,
+    check_sampling,
+    check_stop,
+    decode_body,
+    json_line,
+)
+from tightwad_core.http.openai import state
+from tightwad_core.http.serving import json_response
+from tightwad_core.records import Delta, GenRequest, Kind, Result
 
 bp = Blueprint("ollama", __name__)
 log = logging.getLogger("tightwad.api")
@@ -80,10 +86,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _json(obj: object, status: int = 200) -> Response:
-    return Response(_enc.encode(obj), status=status, content_type="application/json")
-
-
 def _options(st: ServerState, options: dict[str, Any] | None, fmt: Any) -> dict[str, Any]:
     opts = dict(options or {})
     extra: dict[str, Any] = {}
@@ -116,7 +118,7 @@ def _typed(opts: dict[str, Any], name: str, kind: type) -> Any:
     return value
 
 
-def _request(st: ServerState, kind: str, options: dict[str, Any] | None, fmt: Any,
+def _request(st: ServerState, kind: Kind, options: dict[str, Any] | None, fmt: Any,
              **kw: Any) -> GenRequest:
     opts = options or {}
     num_predict = _typed(opts, "num_predict", int)
@@ -129,7 +131,7 @@ def _request(st: ServerState, kind: str, options: dict[str, Any] | None, fmt: An
     top_p = _typed(opts, "top_p", float)
     top_k = _typed(opts, "top_k", int)
     max_tokens = check_sampling(st.profile, num_predict, temperature, top_p, top_k)
-    req = GenRequest(kind=kind, max_tokens=max_tokens, temperature=temperature, top_p=top_p,  # type: ignore[arg-type]
+    req = GenRequest(kind=kind, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                      top_k=top_k, seed=_typed(opts, "seed", int), stop=check_stop(stop),
                      extra=_options(st, options, fmt), **kw)
     st.mode.check(req)
@@ -148,7 +150,7 @@ async def chat() -> Response:
     model = await st.check_model(body.model)
     _think(body.think)
     if not body.messages:  # Ollama: an empty chat loads the model
-        return _json({"model": model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
+        return json_response({"model": model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                       "done_reason": "load", "done": True})
     check_messages(body.messages)
     for i, m in enumerate(body.messages):
@@ -178,7 +180,7 @@ async def generate() -> Response:
         if getattr(body, name):
             raise UnsupportedParam(f"{name} is not supported by this proxy", param=name)
     if not body.prompt:
-        return _json({"model": model, "created_at": _now(), "response": "", "done": True,
+        return json_response({"model": model, "created_at": _now(), "response": "", "done": True,
                       "done_reason": "load"})
     if body.raw:
         if body.system:
@@ -207,7 +209,7 @@ async def _answer(st: ServerState, req: GenRequest, model: str, stream: bool, fi
     t0 = time.perf_counter()
     if not stream:
         r: Result = await st.mode.generate(req)
-        return _json(_final(model, field, r.text, r.finish_reason, r.usage, t0))
+        return json_response(_final(model, field, r.text, r.finish_reason, r.usage, t0))
     it = st.mode.stream(req)
     first = await it.__anext__()
     resp = Response(_lines(model, field, first, it, t0), content_type="application/x-ndjson")
@@ -215,8 +217,8 @@ async def _answer(st: ServerState, req: GenRequest, model: str, stream: bool, fi
     return resp
 
 
-async def _lines(model: str, field: str, first: Delta, it: AsyncIterator[Delta],
-                 t0: float) -> AsyncIterator[bytes]:
+async def _lines(model: str, field: str, first: Delta, it: AsyncGenerator[Delta, None],
+                 t0: float) -> AsyncGenerator[bytes, None]:
     async with aclosing(it):
         try:
             delta: Delta | None = first
@@ -234,76 +236,3 @@ async def _lines(model: str, field: str, first: Delta, it: AsyncIterator[Delta],
         except TightwadError as exc:
             log.warning("ollama stream failed: %s", exc.message)
             yield _enc.encode({"error": exc.message}) + b"\n"
-
-
-async def _details(st: ServerState) -> tuple[dict[str, Any], dict[str, Any]]:
-    target = st.backends.get("target")
-    info: dict[str, Any] = {}
-    if target is not None:
-        try:
-            info = await target.model_info()
-        except TightwadError:
-            info = {}
-    name = (info.get("name") or "").lower()
-    family = "qwen2" if "qwen" in name else (name.split("-")[0] if name else "unknown")
-    quant = next((q.upper() for q in ("q4_k_m", "q4_0", "q4_1", "q5_k_m", "q6_k", "q8_0", "f16", "f32")
-                  if q in name), "unknown")
-    params = info.get("parameters")
-    psize = f"{params / 1e9:.1f}B" if isinstance(params, (int, float)) and params else "unknown"
-    details = {"parent_model": "", "format": "gguf", "family": family, "families": [family],
-               "parameter_size": psize, "quantization_level": quant}
-    return details, info
-
-
-@bp.get("/api/tags")
-async def tags() -> Response:
-    st = state()
-    name = await st.served_model()
-    details, info = await _details(st)
-    return _json({"models": [_model_entry(st, name, details, info)]})
-
-
-def _model_entry(st: ServerState, name: str, details: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "model": name,
-            "modified_at": datetime.fromtimestamp(st.started, timezone.utc).isoformat(),
-            "size": int(info.get("size") or 0),
-            "digest": hashlib.sha256(name.encode()).hexdigest(), "details": details}
-
-
-@bp.get("/api/ps")
-async def ps() -> Response:
-    st = state()
-    name = await st.served_model()
-    details, info = await _details(st)
-    entry = _model_entry(st, name, details, info)
-    entry.update({"expires_at": "0001-01-01T00:00:00Z", "size_vram": 0})
-    return _json({"models": [entry]})
-
-
-class ShowBody(msgspec.Struct, kw_only=True):
-    model: str | None = None
-    name: str | None = None  # older clients
-    verbose: bool = False
-
-
-@bp.post("/api/show")
-async def show() -> Response:
-    st = state()
-    body = decode_body(await request.get_data(cache=False), ShowBody)
-    await st.check_model(body.model or body.name)
-    details, info = await _details(st)
-    arch = details["family"]
-    model_info: dict[str, Any] = {"general.architecture": arch}
-    if info.get("context_length"):
-        model_info[f"{arch}.context_length"] = info["context_length"]
-    if info.get("parameters"):
-        model_info["general.parameter_count"] = info["parameters"]
-    return _json({"modelfile": "", "parameters": "", "template": info.get("chat_template", ""),
-                  "details": details, "model_info": model_info,
-                  "capabilities": ["completion"],
-                  "modified_at": datetime.fromtimestamp(st.started, timezone.utc).isoformat()})
-
-
-@bp.get("/api/version")
-async def version() -> Response:
-    return _json({"version": OLLAMA_API_VERSION})

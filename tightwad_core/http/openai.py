@@ -4,52 +4,54 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
 import msgspec
 from quart import Blueprint, Response, current_app, request
 
-from tightwad_core.http.common import (ServerState, check_messages, check_sampling, check_stop, decode_body,
-                         extras, json_line, new_id)
 from tightwad_core.errors import BadRequest, TightwadError
-from tightwad_core.records import Delta, GenRequest, Result
+from tightwad_core.http.common import (
+    ServerState,
+    check_messages,
+    check_sampling,
+    check_stop,
+    decode_body,
+    extras,
+    json_line,
+    new_id,
+)
+from tightwad_core.http.serving import json_response
+from tightwad_core.records import Delta, GenRequest, Kind, Result
 
 bp = Blueprint("openai", __name__)
 log = logging.getLogger("tightwad.api")
-_enc = msgspec.json.Encoder()
 
 
-class ChatBody(msgspec.Struct, kw_only=True):
+class _Common(msgspec.Struct, kw_only=True):
+    """Fields both OpenAI generation routes take."""
+
     model: str | None = None
+    max_tokens: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # an extension llama.cpp and vLLM accept
+    seed: int | None = None
+    n: int = 1
+    user: str | None = None
+
+
+class ChatBody(_Common, kw_only=True):
     messages: list[dict[str, Any]]
-    max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # an extension llama.cpp and vLLM accept
-    seed: int | None = None
-    n: int = 1
-    user: str | None = None
 
 
-class CompletionBody(msgspec.Struct, kw_only=True):
-    model: str | None = None
+class CompletionBody(_Common, kw_only=True):
     prompt: str | list[str | int]
-    max_tokens: int | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # an extension llama.cpp and vLLM accept
-    seed: int | None = None
-    n: int = 1
-    user: str | None = None
 
 
 CHAT_FIELDS = frozenset(ChatBody.__struct_fields__)
@@ -57,7 +59,8 @@ COMPLETION_FIELDS = frozenset(CompletionBody.__struct_fields__)
 
 
 def state() -> ServerState:
-    return current_app.config["TIGHTWAD_STATE"]  # type: ignore[no-any-return]
+    st: ServerState = current_app.config["TIGHTWAD_STATE"]
+    return st
 
 
 def _usage(u: Any) -> dict[str, int]:
@@ -69,7 +72,7 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + json_line(obj) + b"\n\n"
 
 
-async def _parse(kind: str) -> tuple[GenRequest, Any, str]:
+async def _parse(kind: Kind) -> tuple[GenRequest, Any, str]:
     st = state()
     raw = await request.get_data(cache=False)
     if kind == "chat":
@@ -86,7 +89,7 @@ async def _parse(kind: str) -> tuple[GenRequest, Any, str]:
             if len(prompt) != 1 or not isinstance(prompt[0], str):
                 raise BadRequest("only one prompt per request is supported", param="prompt")
             prompt = prompt[0]
-        elif isinstance(prompt, list) and any(p < 0 for p in prompt):  # type: ignore[operator]
+        elif isinstance(prompt, list) and any(isinstance(p, int) and p < 0 for p in prompt):
             raise BadRequest("token ids must not be negative", param="prompt")
         if prompt == "" or prompt == []:
             raise BadRequest("prompt must not be empty", param="prompt")
@@ -95,7 +98,7 @@ async def _parse(kind: str) -> tuple[GenRequest, Any, str]:
     model = await st.check_model(body.model)
     max_tokens = check_sampling(st.profile, max_tokens, body.temperature, body.top_p, body.top_k)
     req = GenRequest(
-        kind=kind,  # type: ignore[arg-type]
+        kind=kind,
         messages=body.messages if kind == "chat" else None,
         prompt=None if kind == "chat" else prompt,
         max_tokens=max_tokens,
@@ -120,15 +123,14 @@ async def completions() -> Response:
     return await _handle("completion")
 
 
-async def _handle(kind: str) -> Response:
+async def _handle(kind: Kind) -> Response:
     req, body, model = await _parse(kind)
     st = state()
     rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
     created = int(time.time())
     if not body.stream:
         result = await st.mode.generate(req)
-        return Response(_enc.encode(_whole(kind, rid, created, model, result)),
-                        content_type="application/json")
+        return json_response(_whole(kind, rid, created, model, result))
     include_usage = bool((body.stream_options or {}).get("include_usage"))
     stream = st.mode.stream(req)
     first = await stream.__anext__()  # errors before any output are plain HTTP errors
@@ -140,7 +142,7 @@ async def _handle(kind: str) -> Response:
     return resp
 
 
-def _whole(kind: str, rid: str, created: int, model: str, r: Result) -> dict[str, Any]:
+def _whole(kind: Kind, rid: str, created: int, model: str, r: Result) -> dict[str, Any]:
     extra = dict(r.extra or {})
     logprobs = extra.pop("logprobs", None)
     if kind == "chat":
@@ -154,8 +156,8 @@ def _whole(kind: str, rid: str, created: int, model: str, r: Result) -> dict[str
             "choices": [choice], "usage": _usage(r.usage)}
 
 
-async def _events(kind: str, rid: str, created: int, model: str, first: Delta,
-                  stream: AsyncIterator[Delta], include_usage: bool) -> AsyncIterator[bytes]:
+async def _events(kind: Kind, rid: str, created: int, model: str, first: Delta,
+                  stream: AsyncGenerator[Delta, None], include_usage: bool) -> AsyncGenerator[bytes, None]:
     chat = kind == "chat"
     obj = "chat.completion.chunk" if chat else "text_completion"
     head = {"id": rid, "object": obj, "created": created, "model": model}
@@ -200,4 +202,4 @@ async def models() -> Response:
                  "target": getattr(st.backends.get("target"), "kind", None),
                  "verifier": st.mode.status().get("verifier")},
     }]}
-    return Response(_enc.encode(data), content_type="application/json")
+    return json_response(data)

@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from hypercorn.config import Config as HyperConfig
-from hypercorn.trio import serve as hyper_serve
 
-from tightwad_core.http.common import ServerState
-from tightwad_core.http.app import create_app
-from tightwad_core.plugins import Registry, load_registry
 from tightwad_core.config.profiles import ConfigError, Profile, is_loopback, parse_listen, secret
-from tightwad_core.roles import Backend, BackendContext
+from tightwad_core.http.app import create_app
+from tightwad_core.http.common import ServerState
+from tightwad_core.http.serving import serve_app
+from tightwad_core.plugins import Registry, load_registry
+from tightwad_core.roles import Backend, BackendContext, ModeContext
 
 log = logging.getLogger("tightwad")
 
@@ -41,7 +40,7 @@ def build_backends(profile_name: str, profile: Profile, registry: Registry, conf
         if cfg is None:
             raise ConfigError(f"profile {profile_name!r}: mode {profile.mode!r} needs a [{role}] table")
         try:
-            factory = registry.get("backends", cfg.backend)
+            factory = registry.backend(cfg.backend)
         except KeyError as exc:
             raise ConfigError(f"profile {profile_name!r}: field '{role}.backend': {exc.args[0]}") from None
         try:
@@ -64,7 +63,7 @@ async def serve_profile(
     """Serve until the returned ``shutdown`` event is set or the task is cancelled."""
     registry = registry or load_registry()
     try:
-        mode_factory = registry.get("modes", profile.mode)
+        mode_factory = registry.mode(profile.mode)
     except KeyError as exc:
         raise ConfigError(f"profile {profile_name!r}: field 'mode': {exc.args[0]}") from None
     host, port = parse_listen(listen or profile.listen)
@@ -73,7 +72,7 @@ async def serve_profile(
         raise ConfigError(f"profile {profile_name!r}: listening on {host} needs a bearer token, but "
                           f"neither `api_key` nor the variable named by `api_key_env` is set")
     run_dir = run_dir or Path(tempfile.mkdtemp(prefix="tightwad-run-"))
-    roles = tuple(getattr(mode_factory, "roles", ("target",)))
+    roles = tuple(mode_factory.roles)
     backends = build_backends(profile_name, profile, registry, config_dir, run_dir, roles)
     shutdown = trio.Event()
     try:
@@ -85,20 +84,15 @@ async def serve_profile(
                 if not h.ok:
                     log.warning("%s backend (%s at %s) is not healthy yet: %s; serving anyway, "
                                 "requests fail with 503 until it is", role, backend.kind, h.url, h.detail)
-            mode = mode_factory(profile, backends)
-            starter = getattr(mode, "start", None)
-            if starter is not None:
-                await starter()
+            try:
+                mode = mode_factory(profile, backends, ModeContext(verifiers=registry.verifiers()))
+                await mode.start()
+            except ConfigError as exc:
+                raise ConfigError(f"profile {profile_name!r}: {exc}") from None
             state = ServerState(profile_name, profile, mode, backends, api_key)
             app = create_app(state)
-            hc = HyperConfig()
-            hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-            hc.accesslog = None
-            hc.errorlog = logging.getLogger("hypercorn.error")
-            hc.keep_alive_max_requests = 100_000
-            hc.graceful_timeout = 3.0
             async def http(task_status: trio.TaskStatus[list[str]]) -> None:
-                await hyper_serve(app, hc, shutdown_trigger=shutdown.wait, task_status=task_status)
+                await serve_app(app, host, port, shutdown, task_status=task_status)
                 nursery.cancel_scope.cancel()  # drained: stop the backends too
 
             binds = await nursery.start(http)

@@ -1,35 +1,43 @@
-"""Shared base for backends that speak HTTP to an OpenAI-compatible server."""
+"""Shared bases for backends that speak HTTP: the client lifecycle
+(`HTTPBackend`) and OpenAI-compatible generation (`OpenAIHTTPBackend`)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
 import trio
 
-from tightwad_core.errors import BackendUnavailable, UnsupportedParam
-from tightwad_core.http.wire import parse_result, post_json, request_body, stream_sse
 from tightwad_core.config.profiles import BackendConfig, secret
+from tightwad_core.errors import BackendUnavailable, UnsupportedParam
+from tightwad_core.http.wire import (
+    parse_result,
+    post_json,
+    raise_for_status,
+    request_body,
+    stream_sse,
+)
 from tightwad_core.records import Delta, GenRequest, Health, Result
 from tightwad_core.roles import BackendContext
 
 
-class OpenAIHTTPBackend:
-    """Generation through ``/v1/chat/completions`` and ``/v1/completions``."""
+class HTTPBackend:
+    """A model server reached over HTTP: one pooled client with the upstream's
+    bearer token, opened by ``serve`` and closed by ``aclose``. Subclasses set
+    ``kind`` and ``health_path`` and add generation."""
 
-    kind = "openai"
+    kind = "http"
     passthrough: frozenset[str] | None = None  # any OpenAI parameter goes through
-    supports_top_k = False
+    capabilities: frozenset[str] = frozenset()
+    health_path = "/"
 
     def __init__(self, config: BackendConfig, context: BackendContext) -> None:
         self.config = config
         self.role = context.role
         self.context = context
-        url = (config.url or "").rstrip("/")
-        self.base_url = url[:-3] if url.endswith("/v1") else url  # we add /v1/... ourselves
+        self.base_url = (config.url or "").rstrip("/")
         self._client: httpx.AsyncClient | None = None
-        self._ready = trio.Event()
 
     # ---- lifecycle ------------------------------------------------------- #
 
@@ -64,17 +72,44 @@ class OpenAIHTTPBackend:
     def where(self) -> str:
         return f"{self.role} ({self.kind} at {self.base_url})"
 
+    async def _get(self, path: str) -> httpx.Response:
+        with trio.fail_after(5):
+            return await self.client.get(path)
+
     async def health(self) -> Health:
         try:
-            with trio.fail_after(5):
-                resp = await self.client.get(self.health_path)
+            resp = await self._get(self.health_path)
         except (httpx.HTTPError, trio.TooSlowError, BackendUnavailable) as exc:
             return Health(ok=False, detail=f"unreachable: {exc.__class__.__name__}", url=self.base_url)
         if resp.status_code != 200:
             return Health(ok=False, detail=f"status {resp.status_code}", url=self.base_url)
-        return Health(ok=True, detail="ok", url=self.base_url)
+        return Health(ok=True, detail=self.health_detail(resp), url=self.base_url)
 
+    def health_detail(self, resp: httpx.Response) -> str:
+        return "ok"
+
+    async def get_json(self, path: str) -> Any:
+        try:
+            resp = await self.client.get(path)
+        except httpx.TransportError as exc:
+            raise BackendUnavailable(f"{self.where} is unreachable: {exc}") from exc
+        raise_for_status(resp, resp.content, self.where)
+        return resp.json()
+
+    async def post_json(self, path: str, body: dict[str, Any]) -> Any:
+        return await post_json(self.client, path, body, self.where)
+
+
+class OpenAIHTTPBackend(HTTPBackend):
+    """Generation through ``/v1/chat/completions`` and ``/v1/completions``."""
+
+    supports_top_k = False
     health_path = "/v1/models"
+
+    def __init__(self, config: BackendConfig, context: BackendContext) -> None:
+        super().__init__(config, context)
+        if self.base_url.endswith("/v1"):
+            self.base_url = self.base_url[:-3]  # we add /v1/... ourselves
 
     # ---- models ---------------------------------------------------------- #
 
@@ -90,16 +125,6 @@ class OpenAIHTTPBackend:
     async def model_info(self) -> dict[str, Any]:
         return {"name": await self.model_name()}
 
-    async def get_json(self, path: str) -> Any:
-        try:
-            resp = await self.client.get(path)
-        except httpx.TransportError as exc:
-            raise BackendUnavailable(f"{self.where} is unreachable: {exc}") from exc
-        from tightwad_core.http.wire import raise_for_status
-
-        raise_for_status(resp, resp.content, self.where)
-        return resp.json()
-
     # ---- generation ------------------------------------------------------ #
 
     def check(self, req: GenRequest) -> None:
@@ -113,12 +138,15 @@ class OpenAIHTTPBackend:
     def _path(self, req: GenRequest) -> str:
         return "/v1/chat/completions" if req.kind == "chat" else "/v1/completions"
 
+    def body(self, req: GenRequest, stream: bool) -> dict[str, Any]:
+        """The upstream request body for ``req``."""
+        return request_body(req, self.config.model, stream=stream, top_k=self.supports_top_k)
+
     async def generate(self, req: GenRequest) -> Result:
-        body = request_body(req, self.config.model, stream=False, top_k=self.supports_top_k)
-        data = await post_json(self.client, self._path(req), body, self.where)
+        data = await post_json(self.client, self._path(req), self.body(req, False), self.where)
         return parse_result(req.kind, data)
 
-    async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
-        body = request_body(req, self.config.model, stream=True, top_k=self.supports_top_k)
+    async def stream(self, req: GenRequest) -> AsyncGenerator[Delta, None]:
+        body = self.body(req, True)
         async for delta in stream_sse(self.client, self._path(req), body, req.kind, self.where):
             yield delta

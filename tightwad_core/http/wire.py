@@ -4,7 +4,7 @@ hosted APIs): request bodies from `GenRequest`, answers into `Result` and
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -105,7 +105,7 @@ async def post_json(client: httpx.AsyncClient, path: str, body: dict[str, Any], 
 
 async def stream_sse(
     client: httpx.AsyncClient, path: str, body: dict[str, Any], kind: str, where: str
-) -> AsyncIterator[Delta]:
+) -> AsyncGenerator[Delta, None]:
     """POST with ``stream: true`` and yield deltas; the final one has the
     finish reason and usage. Events that arrive in one read are merged into
     one delta (fewer, larger chunks when the client side lags). Leaving the

@@ -22,6 +22,7 @@ from tightwad_core.runtime.catalog import ModelSpec
 from tightwad_core.runtime.sources import safe_member
 from tightwad_core.runtime.steps import CHUNK, SetupError, Steps, pip_extra, run_logged
 
+
 def _stamp(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 

@@ -65,11 +65,16 @@ class Emitter:
         return best
 
     def _held(self) -> int:
-        """Length of the longest tail of pending text that starts some stop string."""
-        held = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(self._pending)), held, -1):
-                if s.startswith(self._pending[-n:]):
-                    held = n
-                    break
-        return held
+        return stop_holdback(self._pending, self.stop)
+
+
+def stop_holdback(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of ``text`` that could still become a stop
+    string: that much must be held back until the next text decides."""
+    held = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), held, -1):
+            if text.endswith(s[:n]):
+                held = n
+                break
+    return held

@@ -90,7 +90,9 @@ class Drafter(Protocol):
 class TargetText(Protocol):
     """Tokenizer facts about the target the loop needs."""
 
-    eos: frozenset[int]  # tokens that end generation
+    @property
+    def eos(self) -> frozenset[int]:
+        """Tokens that end generation."""
 
     async def tokenize(self, text: str, special: bool = True) -> list[int]:
         """Token ids of a prompt (with BOS and special-token parsing when `special`)."""

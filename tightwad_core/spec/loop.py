@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 import trio
@@ -92,7 +92,7 @@ async def speculate(
     draft_length: DraftLength,
     guard: DraftGuard,
     stats: RequestStats,
-) -> AsyncIterator[Delta]:
+) -> AsyncGenerator[Delta, None]:
     """Yield deltas of the target's answer; the last carries finish reason and usage."""
     t_start = time.perf_counter()
     emitter = Emitter(text.piece, text.eos, stop, max_tokens)

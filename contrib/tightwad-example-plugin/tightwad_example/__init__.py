@@ -8,6 +8,7 @@ from collections.abc import Callable
 import click
 
 from tightwad_core.hookspecs import hookimpl
+from tightwad_core.roles import BackendFactory
 
 from .echo import EchoBackend
 
@@ -15,7 +16,7 @@ __all__ = ["EchoBackend", "hello", "register_backends", "register_commands"]
 
 
 @hookimpl
-def register_backends(register: Callable[..., None]) -> None:
+def register_backends(register: Callable[[str, BackendFactory], None]) -> None:
     register("echo-example", EchoBackend)
 
 

@@ -7,13 +7,13 @@ caps the number of words echoed and ``usage`` counts words, not tokens.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import trio
 
-from tightwad_core.errors import UnsupportedParam
 from tightwad_core.config.profiles import BackendConfig
+from tightwad_core.errors import UnsupportedParam
 from tightwad_core.records import Delta, GenRequest, Health, Result, Usage
 from tightwad_core.roles import BackendContext
 
@@ -42,6 +42,7 @@ class EchoBackend:
 
     kind = "echo-example"
     passthrough: frozenset[str] | None = frozenset()  # no extra OpenAI parameters
+    capabilities: frozenset[str] = frozenset()  # text only: no token ids, no verify protocol
 
     def __init__(self, config: BackendConfig, context: BackendContext) -> None:
         self.config = config
@@ -87,7 +88,7 @@ class EchoBackend:
         pieces, finish, usage = self._answer(req)
         return Result(text="".join(pieces), finish_reason=finish, usage=usage)
 
-    async def stream(self, req: GenRequest) -> AsyncIterator[Delta]:
+    async def stream(self, req: GenRequest) -> AsyncGenerator[Delta, None]:
         pieces, finish, usage = self._answer(req)
         for piece in pieces:
             await trio.lowlevel.checkpoint()
