@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test setup install bench-overhead clean
+.PHONY: demo test setup install bench-overhead e2e-open-webui clean
 
 $(BIN)/tightwad: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: setup
 
 bench-overhead: setup
 	$(BIN)/python contrib/benchmarks/proxy_overhead.py
+
+# Open WebUI (its own cached venv) in headless Debian chromium, against demo and speculative
+e2e-open-webui: setup
+	$(BIN)/python contrib/e2e/open_webui.py --out e2e-out
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -4,7 +4,8 @@ Hierarchy::
 
     TightwadError              500 server_error
     ├── BadRequest             400 invalid_request_error
-    │   └── UnsupportedParam   400 invalid_request_error (param named)
+    │   ├── UnsupportedParam   400 invalid_request_error (param named)
+    │   └── ContextOverflow    400 invalid_request_error, code context_length_exceeded
     ├── Unauthorized           401 authentication_error
     ├── NotFound               404 not_found_error (unknown model or route)
     ├── PayloadTooLarge        413 invalid_request_error
@@ -40,6 +41,27 @@ class BadRequest(TightwadError):
 
 class UnsupportedParam(BadRequest):
     code = "unsupported_parameter"
+
+
+class ContextOverflow(BadRequest):
+    """A request that does not fit the context its model server gives each
+    request. Says how much it needed, how much there is and what to raise."""
+
+    code = "context_length_exceeded"
+
+    def __init__(self, needed: int, allowed: int, setting: str = "target.ctx_size") -> None:
+        self.needed = needed  # tokens the request needs (its prompt, as the server counted it)
+        self.allowed = allowed  # tokens of context one request may use
+        self.setting = setting  # the setting that raises `allowed`
+        super().__init__(
+            f"this request needs {needed} tokens of context, more than the {allowed} allowed per "
+            f"request: raise `{setting}` (each token of context costs KV-cache memory), or send a "
+            "shorter conversation", param="messages")
+
+    def body(self) -> dict[str, Any]:
+        out = super().body()
+        out["error"].update(n_prompt_tokens=self.needed, n_ctx=self.allowed)
+        return out
 
 
 class Unauthorized(TightwadError):

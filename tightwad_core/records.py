@@ -25,6 +25,10 @@ class GenRequest(msgspec.Struct, frozen=True, kw_only=True):
     top_k: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings, not included in the output
+    # Function tools the model may call (OpenAI form, which Ollama shares), rendered
+    # by the model's own chat template; calls come back in `extra["tool_calls"]`.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None  # OpenAI's "auto" / "none" / "required" / a named function
     # Sample with temperature/top_k/top_p alone, none of a server's extra default
     # samplers (min_p, penalties): the distribution a verifier checks against.
     exact_sampler: bool = False

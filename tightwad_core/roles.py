@@ -91,8 +91,10 @@ class TokenBackend(Backend, Protocol):
 
     async def detokenize(self, tokens: list[int]) -> str: ...
 
-    async def apply_template(self, messages: list[dict[str, Any]]) -> str:
-        """The model's own chat template applied, with the generation prompt."""
+    async def apply_template(self, messages: list[dict[str, Any]],
+                             tools: list[dict[str, Any]] | None = None) -> str:
+        """The model's own chat template applied (with its tools section when
+        ``tools`` are given), with the generation prompt."""
 
     async def vocab(self) -> Vocab | None:
         """The model's vocabulary, when this backend can learn it (else None)."""

@@ -131,8 +131,12 @@ class LlamaServerBackend(OpenAIHTTPBackend):
         data = await self.post_json("/detokenize", {"tokens": tokens})
         return str(data["content"])
 
-    async def apply_template(self, messages: list[dict[str, Any]]) -> str:
-        data = await self.post_json("/apply-template", {"messages": messages})
+    async def apply_template(self, messages: list[dict[str, Any]],
+                             tools: list[dict[str, Any]] | None = None) -> str:
+        body: dict[str, Any] = {"messages": messages}
+        if tools:
+            body["tools"] = tools
+        data = await self.post_json("/apply-template", body)
         return str(data["prompt"])
 
     async def vocab(self) -> Vocab | None:

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import msgspec
 
+from tightwad_core.chat.tools import openai_from_ollama
 from tightwad_core.config.profiles import BackendConfig, ConfigError
 from tightwad_core.errors import BackendError, BackendUnavailable, BadRequest, UnsupportedParam
 from tightwad_core.hookspecs import hookimpl
@@ -38,7 +39,7 @@ OPTION_FIELDS = {
 
 class OllamaBackend(HTTPBackend):
     kind = "ollama"
-    passthrough = frozenset(OPTION_FIELDS) | {"response_format", "tools"}
+    passthrough = frozenset(OPTION_FIELDS) | {"response_format"}
 
     health_path = "/api/version"
 
@@ -85,11 +86,11 @@ class OllamaBackend(HTTPBackend):
         if req.stop:
             options["stop"] = list(req.stop)
         body: dict[str, Any] = {"model": self.model, "stream": stream, "options": options}
+        if req.tools:
+            body["tools"] = req.tools
         for name, value in req.extra.items():
             if name in OPTION_FIELDS:
                 options[OPTION_FIELDS[name]] = value
-            elif name == "tools":
-                body["tools"] = value
             elif name == "response_format":
                 kind = (value or {}).get("type")
                 if kind == "json_object":
@@ -121,7 +122,7 @@ class OllamaBackend(HTTPBackend):
         data = await self.post_json(path, body)
         extra = None
         if req.kind == "chat" and (data.get("message") or {}).get("tool_calls"):
-            extra = {"tool_calls": data["message"]["tool_calls"]}
+            extra = {"tool_calls": openai_from_ollama(data["message"]["tool_calls"])}
         return Result(text=self._text(req.kind, data), finish_reason=data.get("done_reason") or "stop",
                       usage=self._usage(data), extra=extra)
 
@@ -132,7 +133,7 @@ class OllamaBackend(HTTPBackend):
             async with self.client.stream("POST", path, content=msgspec.json.encode(body),
                                           headers={"content-type": "application/json"}) as resp:
                 if resp.status_code >= 400:
-                    raise_for_status(resp, await resp.aread(), self.where)
+                    raise_for_status(resp, await resp.aread(), self.where, self.role)
                 async for line in resp.aiter_lines():
                     if not line.strip():
                         continue
@@ -145,6 +146,9 @@ class OllamaBackend(HTTPBackend):
                     text = self._text(req.kind, data)
                     if text:
                         yield Delta(text=text)
+                    calls = (data.get("message") or {}).get("tool_calls") if req.kind == "chat" else None
+                    if calls:
+                        yield Delta(extra={"tool_calls": openai_from_ollama(calls)})
                     if data.get("done"):
                         done = data
                         break

@@ -42,7 +42,7 @@ class WorkerBackend(LlamaServerBackend):
     async def model_info(self) -> dict[str, Any]:
         info = await self.get_json("/v1/tightwad/info")
         return {"name": await self.model_name(), "context_length": info.get("n_ctx"),
-                "path": info.get("model")}
+                "path": info.get("model"), "chat_template": info.get("chat_template") or ""}
 
     def check(self, req: GenRequest) -> None:
         return None

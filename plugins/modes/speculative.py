@@ -118,6 +118,9 @@ class SpeculativeMode:
     def check(self, req: GenRequest) -> None:
         for name in req.extra:
             raise UnsupportedParam(f"{name} is not supported in speculative mode", param=name)
+        if req.tool_choice not in (None, "auto", "none"):
+            raise UnsupportedParam("speculative mode cannot force a tool call: tool_choice must be "
+                                   '"auto" or "none"', param="tool_choice")
         if req.kind == "completion" and isinstance(req.prompt, list) and self.relay_only:
             raise UnsupportedParam("token-id prompts need a token-level target", param="prompt")
 
@@ -128,8 +131,9 @@ class SpeculativeMode:
 
     async def _prompt(self, req: GenRequest) -> list[int]:
         assert self.text is not None
-        if req.kind == "chat":
-            return await self.text.tokenize(await self.text.apply_template(req.messages or []), special=True)
+        if req.kind == "chat":  # the target's own template, tools section included
+            templated = await self.text.apply_template(req.messages or [], req.tools)
+            return await self.text.tokenize(templated, special=True)
         if isinstance(req.prompt, list):
             if any(t >= self.text.vocab.n_vocab for t in req.prompt):
                 raise BadRequest("prompt has token ids outside the vocabulary", param="prompt")

@@ -55,8 +55,9 @@ class TargetTokenizer:
     async def tokenize(self, text: str, special: bool = True) -> list[int]:
         return list(await self.backend.tokenize(text, add_special=special))
 
-    async def apply_template(self, messages: list[dict[str, Any]]) -> str:
-        return str(await self.backend.apply_template(messages))
+    async def apply_template(self, messages: list[dict[str, Any]],
+                             tools: list[dict[str, Any]] | None = None) -> str:
+        return str(await self.backend.apply_template(messages, tools))
 
     def piece(self, token: int) -> bytes:
         return self.vocab.piece(token)

@@ -13,12 +13,13 @@ from typing import Any
 import msgspec
 from quart import Blueprint, Response, current_app, request
 
+from tightwad_core.chat.tools import template_messages
 from tightwad_core.errors import BadRequest, TightwadError, UnsupportedParam
-from tightwad_core.http.common import check_messages, check_stop, decode_body, new_id
+from tightwad_core.http.common import check_messages, check_stop, check_tools, decode_body, new_id
 from tightwad_core.spec.interfaces import SamplingParams
 from tightwad_plugins.worker.engine import Engine
 from tightwad_plugins.worker.generate import Chunk, GenOptions, TokenLP, generate
-from tightwad_plugins.worker.protocol import MAX_TOP_LOGPROBS, check_tokens
+from tightwad_plugins.worker.protocol import MAX_TOP_LOGPROBS, ContextFull, check_tokens
 
 bp = Blueprint("worker_plain", __name__)
 _enc = msgspec.json.Encoder()
@@ -49,6 +50,8 @@ class ChatBody(_Common, kw_only=True):
     messages: list[dict[str, Any]]
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
+    tools: list[dict[str, Any]] | None = None  # rendered by the template; calls come back as text
+    tool_choice: Any = None
 
 
 def _engine() -> Engine:
@@ -60,10 +63,13 @@ def _model_name(eng: Engine) -> str:
     return eng.model.path.stem
 
 
-def apply_template(eng: Engine, messages: list[dict[str, Any]]) -> str:
+def apply_template(eng: Engine, messages: list[dict[str, Any]],
+                   tools: list[dict[str, Any]] | None = None) -> str:
     """The GGUF's ``tokenizer.chat_template``, rendered by llama-cpp-python's
-    Jinja formatter with the generation prompt added."""
+    Jinja formatter with the generation prompt added (and the template's
+    tools section, when ``tools`` are given)."""
     check_messages(messages)
+    check_tools(tools)
     fmt = eng.chat_formatter
     if fmt is None:
         if not eng.model.chat_template:
@@ -77,7 +83,7 @@ def apply_template(eng: Engine, messages: list[dict[str, Any]]) -> str:
         fmt = Jinja2ChatFormatter(template=eng.model.chat_template, eos_token=eos, bos_token=bos)
         eng.chat_formatter = fmt
     try:
-        return str(fmt(messages=messages).prompt)
+        return str(fmt(messages=template_messages(messages), tools=tools or None).prompt)
     except Exception as exc:  # template errors are the request's fault (raise_exception)
         raise BadRequest(f"the chat template failed on these messages: {exc}",
                          param="messages") from exc
@@ -240,8 +246,7 @@ async def completions() -> Response:
         prompt = [int(t) for t in prompt_in]
         check_tokens(prompt, eng.vocab.n_vocab, "prompt")
     if len(prompt) > eng.n_ctx:
-        raise BadRequest(f"the prompt has {len(prompt)} tokens; this worker's context holds "
-                         f"{eng.n_ctx}", param="prompt", code="context_length_exceeded")
+        raise ContextFull(len(prompt), eng.n_ctx)
     if not prompt:
         raise BadRequest("prompt must not be empty", param="prompt")
     opts = _options(body, body.max_tokens, logprobs=_top(body.logprobs, "logprobs"),
@@ -257,7 +262,7 @@ async def chat_completions() -> Response:
     if body.logprobs:
         raise UnsupportedParam("chat logprobs are not supported by the worker; use "
                                "/v1/completions with logprobs", param="logprobs")
-    text = apply_template(eng, body.messages)
+    text = apply_template(eng, body.messages, body.tools)
     prompt = await eng.tokenize(text, True)
     if eng.vocab.bos is not None and prompt[:2] == [eng.vocab.bos] * 2:
         prompt = prompt[1:]  # the template wrote BOS and the tokenizer added another

@@ -89,7 +89,7 @@ def create_worker_app(eng: Engine, api_key: str | None = None, max_body_bytes: i
         body = decode_body(await request.get_data(cache=False), TemplateBody)
         if not body.messages:
             raise BadRequest("messages must not be empty", param="messages")
-        return json_response({"prompt": api_plain.apply_template(eng, body.messages)})
+        return json_response({"prompt": api_plain.apply_template(eng, body.messages, body.tools)})
 
     @app.get("/")
     async def root() -> Response:

@@ -105,8 +105,7 @@ class Engine:
         if past < 0:
             raise BadRequest("past must not be negative", param="past")
         if past + n_new > self.n_ctx:
-            raise ContextFull(f"{past + n_new} tokens do not fit this worker's context of "
-                              f"{self.n_ctx}", param="tokens")
+            raise ContextFull(past + n_new, self.n_ctx)
 
     def _check_room(self, sess: Session, past: int) -> None:
         if past > sess.slot.n_past:
@@ -236,6 +235,7 @@ class Engine:
         t = self.table
         return {
             "model": str(self.model.path),
+            "chat_template": self.model.chat_template,
             "n_ctx": self.n_ctx,
             "n_vocab": self.vocab.n_vocab,
             "slots": len(t.slots),

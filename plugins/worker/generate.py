@@ -120,8 +120,7 @@ async def generate(engine: Engine, prompt: list[int], opts: GenOptions, *,
     """Chunks of output; the last one has ``finish_reason`` and the usage counts."""
     vocab = engine.vocab
     if len(prompt) >= engine.n_ctx:
-        raise ContextFull(f"the prompt has {len(prompt)} tokens; this worker's context holds "
-                          f"{engine.n_ctx}", param="prompt")
+        raise ContextFull(len(prompt), engine.n_ctx)
     budget = min(opts.max_tokens, engine.n_ctx - len(prompt))
     sess = engine.table.open(prompt, opts.params.seed, ephemeral=True)
     try:

@@ -13,7 +13,13 @@ from typing import Any
 
 import msgspec
 
-from tightwad_core.errors import BackendUnavailable, BadRequest, NotFound, TightwadError
+from tightwad_core.errors import (
+    BackendUnavailable,
+    BadRequest,
+    ContextOverflow,
+    NotFound,
+    TightwadError,
+)
 from tightwad_core.spec.interfaces import SamplingParams
 
 #: Most draft tokens one verify or draft request may carry.
@@ -111,6 +117,7 @@ class DetokenizeBody(msgspec.Struct, kw_only=True):
 
 class TemplateBody(msgspec.Struct, kw_only=True):
     messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
 
 
 # --------------------------------------------------------------------------- errors
@@ -135,8 +142,12 @@ class WorkerBusy(BackendUnavailable):
     code = "no_free_slot"
 
 
-class ContextFull(BadRequest):
-    code = "context_length_exceeded"
+class ContextFull(ContextOverflow):
+    """More tokens than a slot's context holds (its body carries the counts,
+    as llama-server's does, so the proxy can say what to raise)."""
+
+    def __init__(self, needed: int, allowed: int) -> None:
+        super().__init__(needed, allowed, setting="the worker's --ctx-size")
 
 
 def check_tokens(tokens: list[int], n_vocab: int, param: str = "tokens") -> None:

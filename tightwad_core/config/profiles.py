@@ -213,6 +213,8 @@ def validate(path: Path, name: str, prof: Profile, check_files: bool = True) -> 
         _raise(path, name, "max_tokens_limit", "expected a positive number")
     if prof.max_body_bytes < 1024:
         _raise(path, name, "max_body_bytes", "expected at least 1024")
+    if prof.truncate not in ("error", "oldest"):
+        _raise(path, name, "truncate", f'expected "error" or "oldest", got {prof.truncate!r}')
     if prof.target is None:
         _raise(path, name, "target", "every profile needs a [target] table")
     _check_backend(path, name, "target", prof.target, check_files)

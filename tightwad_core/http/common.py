@@ -12,8 +12,9 @@ from typing import Any
 import msgspec
 import trio
 
+from tightwad_core.chat.tools import ToolFormat, format_for
 from tightwad_core.config.profiles import Profile
-from tightwad_core.errors import BadRequest, NotFound, UnsupportedParam
+from tightwad_core.errors import BadRequest, NotFound, TightwadError, UnsupportedParam
 from tightwad_core.roles import Backend, Mode
 
 #: Parameters that would let a request escape the proxy's limits or reach
@@ -32,6 +33,21 @@ class ServerState:
     api_key: str | None
     started: float = field(default_factory=time.time)
     _served: str | None = None
+    _tool_format: ToolFormat | None = None
+    _tool_format_known: bool = False
+
+    async def tool_format(self) -> ToolFormat | None:
+        """The tool-call markup the target's chat template teaches (None: none, or unknown)."""
+        if not self._tool_format_known:
+            target = self.backends.get("target")
+            try:
+                with trio.fail_after(10):
+                    info = await target.model_info() if target is not None else {}
+            except (TightwadError, trio.TooSlowError):
+                return None  # try again next time
+            self._tool_format = format_for(info.get("chat_template"))
+            self._tool_format_known = True
+        return self._tool_format
 
     async def served_model(self) -> str:
         if self.profile.served_model:
@@ -116,6 +132,25 @@ def check_stop(stop: str | list[str] | None) -> tuple[str, ...]:
     if any(not s for s in items):
         raise BadRequest("stop sequences must not be empty", param="stop")
     return tuple(items)
+
+
+#: Most tools one request may offer.
+MAX_TOOLS = 128
+
+
+def check_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """OpenAI/Ollama function tools, checked for shape; None when there are none."""
+    if not tools:
+        return None
+    if len(tools) > MAX_TOOLS:
+        raise BadRequest(f"at most {MAX_TOOLS} tools per request", param="tools")
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or \
+                not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise BadRequest(f"tools[{i}] must be {{\"type\": \"function\", \"function\": "
+                             f"{{\"name\": ...}}}}", param=f"tools[{i}]")
+    return tools
 
 
 def check_messages(messages: list[dict[str, Any]]) -> None:

@@ -14,22 +14,30 @@ from typing import Any
 import msgspec
 from quart import Blueprint, Response, request
 
-from tightwad_core.errors import BadRequest, TightwadError, UnsupportedParam
+from tightwad_core.chat.answer import tool_deltas
+from tightwad_core.chat.tools import (
+    merge_deltas,
+    ollama_from_openai,
+    openai_from_ollama,
+    tool_names,
+)
+from tightwad_core.chat.truncate import drop_oldest
+from tightwad_core.errors import BadRequest, ContextOverflow, TightwadError, UnsupportedParam
 from tightwad_core.http.common import (
     ServerState,
     check_messages,
     check_sampling,
     check_stop,
+    check_tools,
     decode_body,
     json_line,
 )
 from tightwad_core.http.openai import state
 from tightwad_core.http.serving import json_response
-from tightwad_core.records import Delta, GenRequest, Kind, Result
+from tightwad_core.records import Delta, GenRequest, Kind
 
 bp = Blueprint("ollama", __name__)
 log = logging.getLogger("tightwad.api")
-_enc = msgspec.json.Encoder()
 
 #: The Ollama API version whose wire format these routes follow.
 OLLAMA_API_VERSION = "0.11.0"
@@ -145,6 +153,7 @@ def _think(value: Any) -> None:
 
 @bp.post("/api/chat")
 async def chat() -> Response:
+    t0 = time.perf_counter()
     st = state()
     body = decode_body(await request.get_data(cache=False), ChatBody)
     model = await st.check_model(body.model)
@@ -158,20 +167,25 @@ async def chat() -> Response:
             raise UnsupportedParam("images are not supported by this proxy", param=f"messages[{i}].images")
     options = body.options
     fmt = body.format
-    req = _request(st, "chat", options, fmt, messages=[_chat_message(m) for m in body.messages])
-    if body.tools:
-        req = msgspec.structs.replace(req, extra={**req.extra, "tools": body.tools})
-        st.mode.check(req)
-    return await _answer(st, req, model, body.stream, "message")
+    req = _request(st, "chat", options, fmt, messages=[_chat_message(m) for m in body.messages],
+                   tools=check_tools(body.tools))
+    return await _answer(st, req, model, body.stream, "message", t0)
 
 
 def _chat_message(m: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in m.items() if k not in ("images", "thinking")}
+    """An Ollama message as the OpenAI form the backends and templates take:
+    tool calls with JSON-text arguments, a tool result with its function's name."""
+    out = {k: v for k, v in m.items() if k not in ("images", "thinking", "tool_name")}
+    if m.get("tool_calls"):
+        out["tool_calls"] = openai_from_ollama(m["tool_calls"])
+    if m.get("role") == "tool" and m.get("tool_name") and "name" not in out:
+        out["name"] = m["tool_name"]
     return out
 
 
 @bp.post("/api/generate")
 async def generate() -> Response:
+    t0 = time.perf_counter()
     st = state()
     body = decode_body(await request.get_data(cache=False), GenerateBody)
     model = await st.check_model(body.model)
@@ -190,39 +204,100 @@ async def generate() -> Response:
         messages = ([{"role": "system", "content": body.system}] if body.system else [])
         messages.append({"role": "user", "content": body.prompt})
         req = _request(st, "chat", body.options, body.format, messages=messages)
-    return await _answer(st, req, model, body.stream, "response")
+    return await _answer(st, req, model, body.stream, "response", t0)
 
 
-def _final(model: str, field: str, text: str, finish: str, usage: Any, t0: float) -> dict[str, Any]:
-    total = int((time.perf_counter() - t0) * 1e9)
-    out: dict[str, Any] = {"model": model, "created_at": _now()}
-    out[field] = {"role": "assistant", "content": text} if field == "message" else text
-    out.update({
-        "done": True, "done_reason": finish, "total_duration": total, "load_duration": 0,
-        "prompt_eval_count": usage.prompt_tokens if usage else 0, "prompt_eval_duration": 0,
-        "eval_count": usage.completion_tokens if usage else 0, "eval_duration": total,
-    })
-    return out
+class _Clock:
+    """Ollama's durations, measured: ``load_duration`` from the request's arrival
+    until the mode has it (reading and checking it, and any retry after
+    truncation), ``prompt_eval_duration`` until the first output,
+    ``eval_duration`` from there to the end."""
+
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0
+        self.handed = t0
+        self.first: float | None = None
+
+    def ns(self, a: float, b: float) -> int:
+        return max(0, int((b - a) * 1e9))
+
+    def final(self, model: str, field: str, text: str, finish: str, usage: Any,
+              calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        end = time.perf_counter()
+        first = self.first or end
+        out: dict[str, Any] = {"model": model, "created_at": _now()}
+        if field == "message":
+            out[field] = {"role": "assistant", "content": text}
+            if calls:
+                out[field]["tool_calls"] = ollama_from_openai(calls)
+        else:
+            out[field] = text
+        out.update({
+            "done": True, "done_reason": "stop" if finish == "tool_calls" else finish,
+            "total_duration": self.ns(self.t0, end), "load_duration": self.ns(self.t0, self.handed),
+            "prompt_eval_count": usage.prompt_tokens if usage else 0,
+            "prompt_eval_duration": self.ns(self.handed, first),
+            "eval_count": usage.completion_tokens if usage else 0,
+            "eval_duration": self.ns(first, end),
+        })
+        return out
 
 
-async def _answer(st: ServerState, req: GenRequest, model: str, stream: bool, field: str) -> Response:
-    t0 = time.perf_counter()
-    if not stream:
-        r: Result = await st.mode.generate(req)
-        return json_response(_final(model, field, r.text, r.finish_reason, r.usage, t0))
-    it = st.mode.stream(req)
-    first = await it.__anext__()
-    resp = Response(_lines(model, field, first, it, t0), content_type="application/x-ndjson")
+async def _start(st: ServerState, req: GenRequest, clock: _Clock
+                 ) -> tuple[Delta, AsyncGenerator[Delta, None]]:
+    """The mode's stream and its first delta; with ``truncate = "oldest"``, a chat
+    that does not fit the context loses its oldest turns until it does."""
+    fmt = await st.tool_format() if req.tools else None
+    while True:
+        clock.handed = time.perf_counter()
+        stream = st.mode.stream(req)
+        if req.tools:
+            stream = tool_deltas(stream, fmt, tool_names(req.tools))
+        try:
+            first = await stream.__anext__()
+        except ContextOverflow:
+            await stream.aclose()
+            shorter = drop_oldest(req.messages) if st.profile.truncate == "oldest" else None
+            if shorter is None:
+                raise
+            log.info("request does not fit the context: dropped the oldest turn (%d messages left)",
+                     len(shorter))
+            req = msgspec.structs.replace(req, messages=shorter)
+            continue
+        clock.first = time.perf_counter()
+        return first, stream
+
+
+async def _answer(st: ServerState, req: GenRequest, model: str, stream: bool, field: str,
+                  t0: float) -> Response:
+    clock = _Clock(t0)
+    first, it = await _start(st, req, clock)
+    if not stream:  # the same stream, gathered: one path for timings, truncation and tools
+        parts: list[str] = []
+        calls: list[dict[str, Any]] = []
+        async with aclosing(it):
+            delta: Delta | None = first
+            while delta is not None:
+                parts.append(delta.text)
+                calls += (delta.extra or {}).get("tool_calls") or []
+                if delta.finish_reason is not None:
+                    return json_response(clock.final(model, field, "".join(parts), delta.finish_reason,
+                                                     delta.usage, merge_deltas(calls) if calls else None))
+                delta = await anext(it, None)
+        raise TightwadError("the answer ended without finishing")
+    resp = Response(_lines(model, field, first, it, clock), content_type="application/x-ndjson")
     resp.timeout = None
     return resp
 
 
 async def _lines(model: str, field: str, first: Delta, it: AsyncGenerator[Delta, None],
-                 t0: float) -> AsyncGenerator[bytes, None]:
+                 clock: _Clock) -> AsyncGenerator[bytes, None]:
+    calls: list[dict[str, Any]] = []
     async with aclosing(it):
         try:
             delta: Delta | None = first
             while delta is not None:
+                calls += (delta.extra or {}).get("tool_calls") or []
                 if delta.text:
                     piece: dict[str, Any] = {"model": model, "created_at": _now()}
                     piece[field] = ({"role": "assistant", "content": delta.text}
@@ -230,9 +305,13 @@ async def _lines(model: str, field: str, first: Delta, it: AsyncGenerator[Delta,
                     piece["done"] = False
                     yield json_line(piece) + b"\n"
                 if delta.finish_reason is not None:
-                    yield _enc.encode(_final(model, field, "", delta.finish_reason, delta.usage, t0)) + b"\n"
+                    if calls:  # Ollama sends the calls in a message of their own before the end
+                        yield json_line({"model": model, "created_at": _now(), "message": {
+                            "role": "assistant", "content": "",
+                            "tool_calls": ollama_from_openai(merge_deltas(calls))}, "done": False}) + b"\n"
+                    yield json_line(clock.final(model, field, "", delta.finish_reason, delta.usage)) + b"\n"
                     return
                 delta = await anext(it, None)
         except TightwadError as exc:
             log.warning("ollama stream failed: %s", exc.message)
-            yield _enc.encode({"error": exc.message}) + b"\n"
+            yield json_line({"error": exc.message}) + b"\n"

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import msgspec
 from quart import Response, request
 
+from tightwad_core.chat.tools import template_has_tools
 from tightwad_core.errors import TightwadError
 from tightwad_core.http.common import ServerState, decode_body
 from tightwad_core.http.ollama import OLLAMA_API_VERSION, bp, state
@@ -56,7 +57,11 @@ async def ps() -> Response:
     name = await st.served_model()
     details, info = await _details(st)
     entry = _model_entry(st, name, details, info)
-    entry.update({"expires_at": "0001-01-01T00:00:00Z", "size_vram": 0})
+    # the proxy keeps its backends loaded for as long as it runs (keep_alive is accepted
+    # and has nothing to change): a far-off expiry, as Ollama reports for keep_alive -1
+    forever = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=365 * 100)
+    entry.update({"expires_at": forever.isoformat().replace("+00:00", "Z"), "size_vram": 0,
+                  "context_length": info.get("context_length") or 0})
     return json_response({"models": [entry]})
 
 
@@ -80,7 +85,8 @@ async def show() -> Response:
         model_info["general.parameter_count"] = info["parameters"]
     return json_response({"modelfile": "", "parameters": "", "template": info.get("chat_template", ""),
                   "details": details, "model_info": model_info,
-                  "capabilities": ["completion"],
+                  "capabilities": ["completion", *(["tools"] if template_has_tools(
+                      info.get("chat_template")) else [])],
                   "modified_at": datetime.fromtimestamp(st.started, timezone.utc).isoformat()})
 
 

@@ -11,12 +11,15 @@ from typing import Any
 import msgspec
 from quart import Blueprint, Response, current_app, request
 
+from tightwad_core.chat.answer import tool_deltas, tool_result
+from tightwad_core.chat.tools import tool_names
 from tightwad_core.errors import BadRequest, TightwadError
 from tightwad_core.http.common import (
     ServerState,
     check_messages,
     check_sampling,
     check_stop,
+    check_tools,
     decode_body,
     extras,
     json_line,
@@ -48,6 +51,8 @@ class _Common(msgspec.Struct, kw_only=True):
 class ChatBody(_Common, kw_only=True):
     messages: list[dict[str, Any]]
     max_completion_tokens: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
 
 
 class CompletionBody(_Common, kw_only=True):
@@ -107,6 +112,8 @@ async def _parse(kind: Kind) -> tuple[GenRequest, Any, str]:
         top_k=body.top_k,
         seed=body.seed,
         stop=check_stop(body.stop),
+        tools=check_tools(body.tools) if kind == "chat" else None,
+        tool_choice=body.tool_choice if kind == "chat" else None,
         extra=extra,
     )
     st.mode.check(req)
@@ -128,11 +135,17 @@ async def _handle(kind: Kind) -> Response:
     st = state()
     rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
     created = int(time.time())
+    fmt = await st.tool_format() if req.tools else None
+    allowed = tool_names(req.tools)
     if not body.stream:
         result = await st.mode.generate(req)
+        if req.tools:
+            result = tool_result(result, fmt, allowed)
         return json_response(_whole(kind, rid, created, model, result))
     include_usage = bool((body.stream_options or {}).get("include_usage"))
     stream = st.mode.stream(req)
+    if req.tools:
+        stream = tool_deltas(stream, fmt, allowed)
     first = await stream.__anext__()  # errors before any output are plain HTTP errors
     resp = Response(_events(kind, rid, created, model, first, stream, include_usage),
                     content_type="text/event-stream")
@@ -146,7 +159,8 @@ def _whole(kind: Kind, rid: str, created: int, model: str, r: Result) -> dict[st
     extra = dict(r.extra or {})
     logprobs = extra.pop("logprobs", None)
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": r.text, **extra},
+        content = None if extra.get("tool_calls") and not r.text else r.text
+        choice = {"index": 0, "message": {"role": "assistant", "content": content, **extra},
                   "logprobs": logprobs, "finish_reason": r.finish_reason}
         obj = "chat.completion"
     else:
@@ -183,7 +197,11 @@ async def _events(kind: Kind, rid: str, created: int, model: str, first: Delta,
                     if include_usage and delta.usage is not None:
                         yield _sse({**head, "choices": [], "usage": _usage(delta.usage)})
                     break
-                if delta.text or (delta.extra or {}).get("logprobs"):
+                calls = (delta.extra or {}).get("tool_calls") if chat else None
+                if calls:
+                    yield _sse({**head, "choices": [{"index": 0, "delta": {"tool_calls": calls},
+                                                      "logprobs": None, "finish_reason": None}]})
+                elif delta.text or (delta.extra or {}).get("logprobs"):
                     yield chunk(delta.text, None, delta)
                 delta = await anext(stream, None)
         except TightwadError as exc:

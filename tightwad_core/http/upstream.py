@@ -93,11 +93,11 @@ class HTTPBackend:
             resp = await self.client.get(path)
         except httpx.TransportError as exc:
             raise BackendUnavailable(f"{self.where} is unreachable: {exc}") from exc
-        raise_for_status(resp, resp.content, self.where)
+        raise_for_status(resp, resp.content, self.where, self.role)
         return resp.json()
 
     async def post_json(self, path: str, body: dict[str, Any]) -> Any:
-        return await post_json(self.client, path, body, self.where)
+        return await post_json(self.client, path, body, self.where, self.role)
 
 
 class OpenAIHTTPBackend(HTTPBackend):
@@ -143,10 +143,11 @@ class OpenAIHTTPBackend(HTTPBackend):
         return request_body(req, self.config.model, stream=stream, top_k=self.supports_top_k)
 
     async def generate(self, req: GenRequest) -> Result:
-        data = await post_json(self.client, self._path(req), self.body(req, False), self.where)
+        data = await post_json(self.client, self._path(req), self.body(req, False), self.where, self.role)
         return parse_result(req.kind, data)
 
     async def stream(self, req: GenRequest) -> AsyncGenerator[Delta, None]:
         body = self.body(req, True)
-        async for delta in stream_sse(self.client, self._path(req), body, req.kind, self.where):
+        async for delta in stream_sse(self.client, self._path(req), body, req.kind, self.where,
+                                      self.role):
             yield delta

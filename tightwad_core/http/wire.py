@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import msgspec
 
-from tightwad_core.errors import BackendError, BackendUnavailable, BadRequest
+from tightwad_core.errors import BackendError, BackendUnavailable, BadRequest, ContextOverflow
 from tightwad_core.records import Delta, GenRequest, Result, Usage
 
 _json = msgspec.json.Decoder()
@@ -33,6 +33,10 @@ def request_body(req: GenRequest, model: str | None, stream: bool, top_k: bool) 
         body["top_k"] = req.top_k
     if req.stop:
         body["stop"] = list(req.stop)
+    if req.tools:
+        body["tools"] = req.tools
+        if req.tool_choice is not None:
+            body["tool_choice"] = req.tool_choice
     body.update(req.extra)
     if stream:
         body["stream"] = True
@@ -40,21 +44,38 @@ def request_body(req: GenRequest, model: str | None, stream: bool, top_k: bool) 
     return body
 
 
-def _error_message(resp_body: bytes) -> str:
+def _error(resp_body: bytes) -> dict[str, Any]:
+    """The upstream's error object (``{"message": ...}`` at least)."""
     try:
         data = _json.decode(resp_body)
         err = data.get("error", data)
-        if isinstance(err, dict):
-            return str(err.get("message") or err)
-        return str(err)
+        return err if isinstance(err, dict) else {"message": str(err)}
     except (msgspec.DecodeError, AttributeError):
-        return resp_body[:300].decode("utf-8", "replace")
+        return {"message": resp_body[:300].decode("utf-8", "replace")}
 
 
-def raise_for_status(resp: httpx.Response, body: bytes, where: str) -> None:
+def _error_message(resp_body: bytes) -> str:
+    err = _error(resp_body)
+    return str(err.get("message") or err)
+
+
+def overflow(err: dict[str, Any], role: str) -> ContextOverflow | None:
+    """llama-server's and the worker's "does not fit the context" error, as ours."""
+    if err.get("type") != "exceed_context_size_error" and err.get("code") != "context_length_exceeded":
+        return None
+    try:
+        return ContextOverflow(int(err["n_prompt_tokens"]), int(err["n_ctx"]), f"{role}.ctx_size")
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def raise_for_status(resp: httpx.Response, body: bytes, where: str, role: str = "target") -> None:
     if resp.status_code < 400:
         return
-    msg = f"{where} answered {resp.status_code}: {_error_message(body)}"
+    err = _error(body)
+    if resp.status_code == 400 and (too_long := overflow(err, role)) is not None:
+        raise too_long
+    msg = f"{where} answered {resp.status_code}: {err.get('message') or err}"
     if resp.status_code in (400, 404, 413, 422):
         raise BadRequest(msg, code="upstream_rejected")
     if resp.status_code == 503:
@@ -88,7 +109,8 @@ def parse_result(kind: str, data: dict[str, Any]) -> Result:
                   extra=extra or None)
 
 
-async def post_json(client: httpx.AsyncClient, path: str, body: dict[str, Any], where: str) -> Any:
+async def post_json(client: httpx.AsyncClient, path: str, body: dict[str, Any], where: str,
+                    role: str = "target") -> Any:
     try:
         resp = await client.post(path, content=msgspec.json.encode(body),
                                  headers={"content-type": "application/json"})
@@ -96,7 +118,7 @@ async def post_json(client: httpx.AsyncClient, path: str, body: dict[str, Any], 
         raise BackendError(f"{where} timed out") from exc
     except httpx.TransportError as exc:
         raise BackendUnavailable(f"{where} is unreachable: {exc}") from exc
-    raise_for_status(resp, resp.content, where)
+    raise_for_status(resp, resp.content, where, role)
     try:
         return _json.decode(resp.content)
     except msgspec.DecodeError as exc:
@@ -104,7 +126,8 @@ async def post_json(client: httpx.AsyncClient, path: str, body: dict[str, Any], 
 
 
 async def stream_sse(
-    client: httpx.AsyncClient, path: str, body: dict[str, Any], kind: str, where: str
+    client: httpx.AsyncClient, path: str, body: dict[str, Any], kind: str, where: str,
+    role: str = "target",
 ) -> AsyncGenerator[Delta, None]:
     """POST with ``stream: true`` and yield deltas; the final one has the
     finish reason and usage. Events that arrive in one read are merged into
@@ -119,7 +142,7 @@ async def stream_sse(
             "POST", path, content=msgspec.json.encode(body), headers={"content-type": "application/json"}
         ) as resp:
             if resp.status_code >= 400:
-                raise_for_status(resp, await resp.aread(), where)
+                raise_for_status(resp, await resp.aread(), where, role)
             async for chunk in resp.aiter_raw():
                 buf += chunk
                 *events, buf = buf.replace(b"\r\n", b"\n").split(b"\n\n")
@@ -139,9 +162,18 @@ async def stream_sse(
                         except msgspec.DecodeError as exc:
                             raise BackendError(f"{where} sent a malformed stream event") from exc
                         if "error" in data:
+                            too_long = overflow(_error(payload), role)
+                            if too_long is not None:
+                                raise too_long
                             raise BackendError(f"{where} stream error: {_error_message(payload)}")
                         usage = _usage(data.get("usage")) or usage
                         for choice in data.get("choices") or ():
+                            calls = (choice.get("delta") or {}).get("tool_calls") if kind == "chat" else None
+                            if calls:  # the server parsed tool calls itself: pass them on as they come
+                                if texts:
+                                    yield Delta(text="".join(texts))
+                                    texts = []
+                                yield Delta(extra={"tool_calls": calls})
                             if kind == "chat":
                                 text = (choice.get("delta") or {}).get("content") or ""
                             else:
