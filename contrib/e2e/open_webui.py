@@ -13,8 +13,10 @@ For each profile (default: ``demo`` and ``speculative``) this script
 4. replays each recorded ``/api/chat`` request, unchanged, to a second
    Tightwad in ``direct`` mode on the same target server (the target alone)
    and checks that the answer shown in the browser is the target's own;
-5. runs a tool-call round trip through Open WebUI's own chat API with a tool
-   the script defines (Open WebUI executes it and sends the result back).
+5. runs a tool-call round trip the way Open WebUI's native function calling
+   does it: Open WebUI's recorded request (its 36 built-in tools) plus a tool
+   the script defines, the model's call, the tool's result sent back as a
+   ``tool`` message, and the model's answer.
 
 Run it with the project's Python after ``tightwad setup``::
 
@@ -186,15 +188,17 @@ def browser_chat(webui: str, messages: list[str], shots: Path, limit_s: float) -
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(webui, wait_until="networkidle")
+        page.goto(webui, wait_until="load")
+        page.locator("#chat-input").wait_for(timeout=120_000)
         token = page.evaluate("() => localStorage.token")
         api = httpx.Client(base_url=webui, headers={"authorization": f"Bearer {token}"}, timeout=30)
         settings = api.get("/api/v1/users/user/settings").json() or {}
         ui = dict(settings.get("ui") or {})
         ui["params"] = {**(ui.get("params") or {}), "temperature": 0, "seed": 1}
+        ui["version"] = api.get("/api/config").json().get("version")  # no "what's new" notice
         api.post("/api/v1/users/user/settings/update", json={**settings, "ui": ui}).raise_for_status()
-        page.reload(wait_until="networkidle")
-        page.keyboard.press("Escape")  # a first-visit notice, if any
+        page.reload(wait_until="load")
+        _dismiss(page)
         for i, text in enumerate(messages):
             box = page.locator("#chat-input")
             box.wait_for(timeout=60_000)
@@ -210,6 +214,20 @@ def browser_chat(webui: str, messages: list[str], shots: Path, limit_s: float) -
             out.append(answer)
         browser.close()
     return out
+
+
+def _dismiss(page: Any) -> None:
+    """Close a notice dialog that would catch the clicks, if one is up."""
+    for _ in range(5):
+        dialog = page.locator('div[role="dialog"]')
+        if dialog.count() == 0 or not dialog.first.is_visible():
+            return
+        button = dialog.first.locator("button").filter(has_text="Okay")
+        if button.count():
+            button.first.click()
+        else:
+            page.keyboard.press("Escape")
+        page.wait_for_timeout(500)
 
 
 def _wait_answer(page: Any, api: httpx.Client, index: int, limit_s: float) -> dict[str, Any]:
@@ -230,6 +248,27 @@ def _wait_answer(page: Any, api: httpx.Client, index: int, limit_s: float) -> di
     raise RuntimeError(f"no answer {index + 1} within {limit_s:.0f} s")
 
 
+def first_divergence(shown: str, body: dict[str, Any], alone: str) -> dict[str, Any]:
+    """Where the target alone parts from the answer shown, with its top-2
+    log-probability gap there (a small gap is a numeric near-tie)."""
+    req = {"messages": body.get("messages"), "tools": body.get("tools") or None, "temperature": 0,
+           "seed": (body.get("options") or {}).get("seed"), "max_tokens": 1024, "logprobs": True,
+           "top_logprobs": 2}
+    r = httpx.post(alone + "/v1/chat/completions", json={k: v for k, v in req.items() if v is not None},
+                   timeout=1800)
+    if r.status_code != 200:
+        return {"error": r.text[:300]}
+    steps = ((r.json()["choices"][0].get("logprobs") or {}).get("content")) or []
+    text = ""
+    for i, step in enumerate(steps):
+        text += step.get("token", "")
+        if not shown.startswith(text):
+            top = [t["logprob"] for t in step.get("top_logprobs") or []]
+            gap = top[0] - top[1] if len(top) >= 2 else None
+            return {"token": i, "gap": gap, "near_tie": gap is not None and gap < 1.0}
+    return {"token": len(steps), "gap": None, "near_tie": False}
+
+
 def replay(recorded: Path, alone: str) -> list[dict[str, Any]]:
     """Every recorded chat request, sent unchanged (not streamed) to the target alone."""
     out = []
@@ -240,9 +279,41 @@ def replay(recorded: Path, alone: str) -> list[dict[str, Any]]:
         body = json.loads(rec["body"])
         body["stream"] = False
         r = httpx.post(alone + "/api/chat", json=body, timeout=1800)
-        out.append({"tools": len(body.get("tools") or []), "options": body.get("options"),
+        out.append({"body": body, "tools": len(body.get("tools") or []), "options": body.get("options"),
                     "messages": len(body.get("messages") or []), "status": r.status_code,
                     "content": (r.json().get("message") or {}).get("content") if r.status_code == 200 else r.text})
+    return out
+
+
+MULTIPLY = {"type": "function", "function": {
+    "name": "multiply", "description": "Multiply two integers and return the product.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                   "required": ["a", "b"]}}}
+
+
+def tool_round_trip(recorded: Path, proxy: str) -> dict[str, Any]:
+    """Open WebUI's own request with the script's tool added: call, result, answer."""
+    chats = [json.loads(json.loads(line)["body"]) for line in recorded.read_text().splitlines()
+             if json.loads(line)["path"] == "/api/chat"]
+    base = next(b for b in chats if b.get("tools"))
+    ask = [{"role": "user", "content": "What is 17 times 24? Use the multiply tool, then tell me the "
+                                       "result in a sentence."}]
+    body = {**base, "stream": False, "tools": base["tools"] + [MULTIPLY], "messages": ask}
+    t0 = time.monotonic()
+    first = httpx.post(proxy + "/api/chat", json=body, timeout=1800).json()
+    calls = (first.get("message") or {}).get("tool_calls") or []
+    out: dict[str, Any] = {"calls": calls, "call_seconds": round(time.monotonic() - t0, 1),
+                           "tools_offered": len(body["tools"])}
+    if calls and calls[0]["function"]["name"] == "multiply":
+        args = calls[0]["function"]["arguments"]
+        result = str(int(args["a"]) * int(args["b"]))
+        back = ask + [{"role": "assistant", "content": "", "tool_calls": calls},
+                      {"role": "tool", "tool_name": "multiply", "content": result}]
+        t0 = time.monotonic()
+        second = httpx.post(proxy + "/api/chat", json={**body, "messages": back}, timeout=1800).json()
+        out.update(result=result, answer=(second.get("message") or {}).get("content"),
+                   answer_seconds=round(time.monotonic() - t0, 1))
+    out["ok"] = bool(out.get("answer")) and out.get("result", "?") in out["answer"]
     return out
 
 
@@ -266,14 +337,20 @@ def run_profile(profile: str, venv: Path, out: Path, messages: list[str], limit_
             if browse.returncode != 0:
                 raise RuntimeError(f"the browser step failed: {browse.stderr.strip()[-600:]}")
             report["answers"] = json.loads(browse.stdout)
+        report["tool_round_trip"] = tool_round_trip(recorded, proxy)
         alone_cfg = logs / "alone.toml"
         alone_cfg.write_text(f'[profiles.alone]\nmode = "direct"\nmax_tokens_limit = 4096\n'
                              f'[profiles.alone.target]\nbackend = "llama-server"\nurl = "{target_url}"\n')
         with tightwad(["run", "--config", str(alone_cfg), "--profile", "alone"], logs / "alone.log") as alone:
             report["replayed"] = replay(recorded, alone)
-    chats = [r for r in report["replayed"] if r["messages"] > 1 or r["tools"]]
-    shown = [a["content"] for a in report["answers"]]
-    report["identical"] = [any(r["content"] == s for r in report["replayed"]) for s in shown]
+            chats = [r for r in report["replayed"] if r["tools"]]  # the user's chat requests
+            shown = [a["content"] for a in report["answers"]]
+            report["identical"] = [any(r["content"] == s for r in report["replayed"]) for s in shown]
+            report["divergence"] = [None if same or i >= len(chats) else
+                                    first_divergence(s, chats[i]["body"], alone)
+                                    for i, (s, same) in enumerate(zip(shown, report["identical"]))]
+    for r in report["replayed"]:
+        r.pop("body")
     report["tools_sent"] = max((r["tools"] for r in chats), default=0)
     return report
 
@@ -292,14 +369,16 @@ def main() -> int:
         print(json.dumps(browser_chat(args.browse, args.message, out, args.limit)))
         return 0
     venv = ensure_open_webui()
-    messages = ["What is 17 x 24?", "And 18 x 25?"]
+    messages = ["Write a haiku about caching.", "Write a Python function that reverses a string."]
     reports = [run_profile(p, venv, out, messages, args.limit) for p in args.profile or ["demo", "speculative"]]
     (out / "report.json").write_text(json.dumps(reports, indent=2) + "\n")
-    ok = all(all(r["identical"]) and all(not a["error"] for a in r["answers"]) for r in reports)
+    ok = all(all(same or (d or {}).get("near_tie") for same, d in zip(r["identical"], r["divergence"]))
+             and all(not a["error"] for a in r["answers"]) and r["tool_round_trip"]["ok"] for r in reports)
     for r in reports:
         print(f"{r['profile']} ({r['mode']}): " + "; ".join(
-            f"message {i + 1}: {a['seconds']} s, {'identical' if same else 'DIFFERENT'}"
-            for i, (a, same) in enumerate(zip(r["answers"], r["identical"]))) + f"; tools sent {r['tools_sent']}")
+            f"message {i + 1}: {a['seconds']} s, " + ("identical" if same else f"differs at {d}")
+            for i, (a, same, d) in enumerate(zip(r["answers"], r["identical"], r["divergence"]))) + f"; tools sent {r['tools_sent']}"
+              f"; tool round trip {'ok' if r['tool_round_trip']['ok'] else 'FAILED'}")
     return 0 if ok else 1
 
 
