@@ -277,3 +277,22 @@ def test_a_wheel_from_another_build_is_not_reused(tmp_path: Path, monkeypatch: p
     assert binding.wheel_matches_engine(wheel)
     (libs / "libggml-cpu.so").write_bytes(b"rebuilt with other flags")  # the engine changed
     assert not binding.wheel_matches_engine(wheel)
+
+
+@pytest.mark.parametrize("cpu_max, cap", [
+    ("max 100000\n", None),  # no quota: the affinity decides
+    ("150000 100000\n", 2),  # 1.5 cores of quota: 2 threads
+    ("50000 100000\n", 1),
+    ("garbage", None),
+    (None, None),  # no cgroup file
+])
+def test_usable_cores(tmp_path: Path, cpu_max: str | None, cap: int | None) -> None:
+    import os
+
+    from tightwad_core.runtime.procs import usable_cores
+
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cores(path) == (affinity if cap is None else min(affinity, cap))

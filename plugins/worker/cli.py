@@ -16,6 +16,7 @@ import trio
 from tightwad_core.cli.main import _fail, _leaf
 from tightwad_core.config.profiles import is_loopback
 from tightwad_core.http.serving import serve_app
+from tightwad_core.runtime.procs import usable_cores
 from tightwad_plugins.worker.app import create_worker_app
 from tightwad_plugins.worker.engine import Engine
 
@@ -64,6 +65,8 @@ async def serve_worker(model: Path, host: str = "127.0.0.1", port: int = 8090, *
             binds = await nursery.start(http)
             log.info("worker serving %s on %s (%d slots, n_ctx %d)", model.name, binds[0],
                      slots, eng.n_ctx)
+            log.info("threads %d (usable cores: %d); llama.cpp: %s",
+                     threads or usable_cores(), usable_cores(), eng.model.system_info())
             task_status.started(RunningWorker(binds[0], eng, shutdown))
     finally:
         await eng.close()

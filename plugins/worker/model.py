@@ -14,13 +14,13 @@ needed in the batch, which is llama.cpp's per-batch equivalent.
 from __future__ import annotations
 
 import ctypes
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tightwad_core.runtime.procs import usable_cores
 from tightwad_core.vocab import Vocab, load_vocab
 
 #: Most positions whose logits one decode call returns (bounds the output buffer).
@@ -118,6 +118,11 @@ class Model:
                 raise RuntimeError("tokenization failed")
         return list(buf[:n])
 
+    def system_info(self) -> str:
+        """llama.cpp's own line about the build and CPU features it runs with."""
+        raw = _lib().llama_print_system_info()
+        return (raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)).strip()
+
     def new_context(self, n_ctx: int, n_batch: int) -> Context:
         return Context(self, n_ctx, n_batch)
 
@@ -143,7 +148,7 @@ class Context:
         params.n_ubatch = n_batch
         params.n_seq_max = 1
         # llama.cpp's own default is a fixed 4 threads, which oversubscribes small machines
-        threads = model.threads or os.cpu_count() or 1
+        threads = model.threads or usable_cores()
         params.n_threads = threads
         params.n_threads_batch = threads
         ctx = llama_cpp.llama_init_from_model(model.ptr, params)

@@ -8,6 +8,7 @@ asked to, and is terminated (then killed) when its task is cancelled.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import signal
@@ -46,6 +47,22 @@ def find_engine(name: str) -> Path:
     if found:
         return Path(found)
     raise StartupError(f"{name} not found: run `tightwad setup` (or put {name} on PATH)")
+
+
+def usable_cores(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2
+    CPU quota (``cpu.max`` of ``"<quota> <period>"``) when one is set."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        quota, _, period = cgroup_cpu_max.read_text().strip().partition(" ")
+        if quota != "max" and int(period) > 0:
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
 
 
 def log_tail(path: Path, lines: int = 8) -> str:
