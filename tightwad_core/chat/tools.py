@@ -169,7 +169,7 @@ class HermesFormat(ToolFormat):
 
 class Llama3Format(ToolFormat):
     family = "llama3"
-    markers = ("<|python_tag|>", '{"name"', '{ "name"', '{\n')
+    # no markers: a call is the whole answer, so start() and may_start() look at its head
 
     def start(self, text: str) -> int | None:
         # a JSON call is the whole answer (after optional white space or the tag)
