@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgspec
 import pytest
 from click.testing import CliRunner
 
@@ -111,6 +112,44 @@ async def test_link_is_in_both_paths(pair: tuple[Path, Path], tmp_path: Path) ->
         assert row["direct_s"] >= 2 * delay, row  # one request: the link both ways
         assert row["rounds"] > 1
         assert row["proxy_s"] >= 2 * delay * row["rounds"], row  # one round trip per round
+
+
+async def test_baseline_llama_server_beside_a_worker_target(pair: tuple[Path, Path],
+                                                            tmp_path: Path) -> None:
+    """A worker target: the report has both ratios, and the baseline (a stock
+    llama-server on the same GGUF) crosses the link like the direct side."""
+    draft, target = pair
+    prof = msgspec.structs.replace(
+        tiny_profile(pair),
+        target=BackendConfig(backend="worker", model_path=str(target), ctx_size=512, parallel=2,
+                             threads=1),
+        speculation=SpeculationConfig(max_draft_tokens=4, verifier="worker"))
+    delay = 0.01
+    report = await run_bench("tiny", prof, config_dir=tmp_path, prompts=PROMPTS[:2],
+                             max_tokens=MAX_TOKENS, link=LinkSpec(delay), run_dir=tmp_path,
+                             baseline="llama-server")
+    check_shape(report, 2)
+    assert report["config"]["baseline"] == f"llama-server {target}"
+    for row in report["prompts"]:
+        assert row["identical"], row
+        assert row["baseline_tokens"] == MAX_TOKENS and row["baseline_s"] >= 2 * delay
+        assert row["speedup_vs_baseline"] == pytest.approx(row["baseline_s"] / row["proxy_s"],
+                                                           rel=1e-3)
+    t = report["totals"]
+    assert t["baseline_tok_s"] > 0 and t["speedup_vs_baseline"] > 0
+    # a llama-server target already is the baseline: no third server, the same ratio twice
+    same = await run_bench("tiny", tiny_profile(pair), config_dir=tmp_path, prompts=PROMPTS[:1],
+                           max_tokens=8, run_dir=tmp_path, baseline="llama-server")
+    assert same["config"]["baseline"] == "llama-server (the direct side)"
+    assert same["prompts"][0]["speedup_vs_baseline"] == pytest.approx(same["prompts"][0]["speedup"],
+                                                                      rel=1e-3)
+    with pytest.raises(BenchError, match="no-such"):
+        await run_bench("tiny", prof, config_dir=tmp_path, prompts=PROMPTS[:1], max_tokens=4,
+                        baseline="no-such")
+    with pytest.raises(BenchError, match="model_path"):
+        await run_bench("tiny", msgspec.structs.replace(
+            prof, target=BackendConfig(backend="worker", url="http://127.0.0.1:9")),
+            config_dir=tmp_path, prompts=PROMPTS[:1], max_tokens=4, baseline="llama-server")
 
 
 async def test_a_divergence_is_located(pair: tuple[Path, Path], tmp_path: Path,

@@ -264,6 +264,57 @@ def test_cmake_flags_keep_amx_out(flags: set[str], machine: str, no_amx: bool) -
     assert got.get("CMAKE_C_FLAGS") == got.get("CMAKE_CXX_FLAGS")
 
 
+def _tools(tmp_path: Path, **scripts: str) -> str:
+    """A PATH holding only the named tools, each printing the given text."""
+    bin_dir = tmp_path / "tools"
+    bin_dir.mkdir(exist_ok=True)
+    for name, out in scripts.items():
+        tool = bin_dir / name
+        tool.write_text(f"#!/bin/sh\nprintf '%s\\n' '{out}'\n")
+        tool.chmod(0o755)
+    return str(bin_dir)
+
+
+@pytest.mark.parametrize("tools, system, machine, want", [
+    ({"nvidia-smi": "GPU 0: NVIDIA H200 (UUID: GPU-1)", "nvcc": "nvcc"}, "Linux", "x86_64", "cuda"),
+    ({"nvcc": "nvcc"}, "Linux", "x86_64", "cpu"),  # a compiler without a GPU: CPU
+    ({"nvidia-smi": "GPU 0: NVIDIA A10 (UUID: GPU-2)"}, "Linux", "x86_64", "cpu"),  # no toolkit
+    ({"rocminfo": "  Name:                    gfx1100", "hipcc": "hipcc"}, "Linux", "x86_64", "rocm"),
+    ({"rocminfo": "  Name:                    gfx90a"}, "Linux", "x86_64", "cpu"),
+    ({}, "Darwin", "arm64", "metal"),
+    ({}, "Linux", "aarch64", "cpu"),
+])
+def test_setup_builds_for_the_gpu_the_vendor_tools_list(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tools: dict[str, str], system: str,
+        machine: str, want: str) -> None:
+    monkeypatch.setenv("PATH", _tools(tmp_path, **tools) + ":/usr/bin:/bin")
+    monkeypatch.delenv("TIGHTWAD_GPU", raising=False)
+    gpu, why = engine.detect_gpu(system=system, machine=machine)
+    assert gpu == want, why
+    flags = engine.cmake_flags(set(), machine, gpu=gpu)
+    switches = {"cuda": "GGML_CUDA", "rocm": "GGML_HIP", "metal": "GGML_METAL"}
+    for backend, switch in switches.items():
+        assert (flags.get(switch) == "ON") is (backend == want)
+    if want in engine.GPU_LIBRARY:
+        assert engine.libraries(gpu)[-1] == engine.GPU_LIBRARY[want]
+    else:
+        assert engine.libraries(gpu) == engine.LIBRARIES
+    if want == "cpu" and tools.keys() - {"nvcc"}:  # a GPU without its compiler: said so
+        assert "nvcc" in why or "hipcc" in why
+
+
+def test_tightwad_gpu_forces_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIGHTWAD_GPU", "vulkan")
+    assert engine.detect_gpu()[0] == "vulkan"
+    assert engine.cmake_flags(set(), "x86_64", gpu="vulkan")["GGML_VULKAN"] == "ON"
+    assert engine.libraries("vulkan")[-1] == "ggml-vulkan"
+    monkeypatch.setenv("TIGHTWAD_GPU", "cpu")
+    assert engine.detect_gpu()[0] == "cpu"
+    monkeypatch.setenv("TIGHTWAD_GPU", "tpu")
+    with pytest.raises(SetupError, match="not one of"):
+        engine.detect_gpu()
+
+
 def test_a_wheel_from_another_build_is_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tightwad_core.runtime import binding
 

@@ -153,6 +153,7 @@ needs_engine = pytest.mark.usefixtures("llama_cpp_installed")
 async def start(nursery: trio.Nursery, model: Path, **kw: Any) -> RunningWorker:
     kw.setdefault("ctx", 512)
     kw.setdefault("threads", 1)
+    kw.setdefault("slots", 4)  # tests that do not close their sessions leave them to the TTL
     return await nursery.start(partial(serve_worker, model, "127.0.0.1", 0, **kw))
 
 
@@ -233,7 +234,7 @@ async def test_greedy_verify_matches_one_token_at_a_time(nursery: trio.Nursery,
 
 
 @needs_engine
-async def test_sessions_expire_delete_evict_busy_and_conflict(nursery: trio.Nursery,
+async def test_sessions_queue_expire_delete_busy_and_conflict(nursery: trio.Nursery,
                                                               tiny_model: Path) -> None:
     w = await start(nursery, tiny_model, slots=2, session_ttl=1.0)
     async with httpx.AsyncClient(base_url=w.url, timeout=30) as client:
@@ -251,24 +252,42 @@ async def test_sessions_expire_delete_evict_busy_and_conflict(nursery: trio.Nurs
         assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found"
         assert (await client.get("/v1/tightwad/info")).json()["slots_in_use"] == 0
 
-        # with both slots held by idle sessions, a third evicts the least recently used
+        # with both sequences held by idle sessions, a third waits in the queue: nobody
+        # is evicted between rounds, and it starts as soon as one of them is deleted
         s1 = (await verify(client, tokens=prompt))["session"]
         s2 = (await verify(client, tokens=prompt))["session"]
-        await verify(client, session=s1, past=len(prompt), tokens=[5])  # s2 is now the LRU
-        s3 = (await verify(client, tokens=prompt))["session"]
-        assert (await vpost(client, session=s2, past=len(prompt), tokens=[5])).status_code == 404
+        third: dict[str, Any] = {}
+
+        async def wait_for_one() -> None:
+            third.update(await verify(client, tokens=prompt))
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(wait_for_one)
+            with trio.fail_after(10):
+                while w.engine.table.queued == 0:
+                    await trio.sleep(0.01)
+            info = (await client.get("/v1/tightwad/info")).json()
+            assert info["waiting"] == 1 and not third
+            # both held sessions still answer while the third waits
+            await verify(client, session=s1, past=len(prompt), tokens=[5])
+            await verify(client, session=s2, past=len(prompt), tokens=[5])
+            await client.delete(f"/v1/tightwad/sessions/{s2}")
+        s3 = third["session"]
         await verify(client, session=s1, past=len(prompt) + 1, tokens=[6])
 
-        # every slot busy with a request in flight: a new session gets 503 worker_busy
-        held = [w.engine.table.acquire(s) for s in (s1, s3)]
-        try:
-            r = await vpost(client, tokens=prompt)
-            assert r.status_code == 503 and r.json()["error"]["type"] == "worker_busy"
-            r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
-            assert r.status_code == 503
-        finally:
-            for sess in held:
-                w.engine.table.release(sess)
+        # a full queue, or a wait past --queue-timeout, is a 503 worker_busy with
+        # Retry-After; the sessions that hold the sequences are not disturbed
+        w.engine.table.queue_timeout = 0.3
+        r = await vpost(client, tokens=prompt)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "worker_busy"
+        assert int(r.headers["retry-after"]) >= 1
+        r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503 and "retry-after" in r.headers
+        w.engine.table.queue_max = 0
+        r = await vpost(client, tokens=prompt)
+        assert r.status_code == 503 and "already waiting" in r.json()["error"]["message"]
+        await verify(client, session=s3, past=len(prompt), tokens=[7])
+        assert (await client.get("/v1/tightwad/info")).json()["refused"] == 3
 
         # idle sessions expire after session_ttl seconds
         await trio.sleep(1.8)
@@ -331,7 +350,9 @@ async def test_prompt_logprobs_match_greedy_verify(nursery: trio.Nursery,
         prompt = await tokenize(client, "It is the end of the world as we know")
         argmax = []  # the greedy verify's argmax after each prefix
         for j in range(1, len(prompt) + 1):
-            argmax.append((await verify(client, tokens=prompt[:j]))["token"])
+            out = await verify(client, tokens=prompt[:j])
+            argmax.append(out["token"])
+            await client.delete(f"/v1/tightwad/sessions/{out['session']}")
         r = await client.post("/v1/completions", json={
             "prompt": prompt, "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 2,
             "prompt_logprobs": 3, "return_tokens_as_token_ids": True})
@@ -428,9 +449,9 @@ async def test_client_disconnect_mid_stream_frees_the_slot(nursery: trio.Nursery
             while slot.session is not None:
                 await trio.sleep(0.02)
         # generation stopped soon after the hang-up, and the cache matches its tokens
-        assert len(slot.ctx.tokens) < 1000
+        assert len(slot.seq.tokens) < 1000
         await verify(client, tokens=[1, 2, 3])
-        assert slot.ctx.tokens == [1, 2, 3]
+        assert slot.seq.tokens == [1, 2, 3]
         info = (await client.get("/v1/tightwad/info")).json()
         assert info["sessions"] == 1 and info["slots_in_use"] == 1
 

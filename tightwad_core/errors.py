@@ -22,6 +22,7 @@ class TightwadError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
+    upstream_code: str | None = None  # the code an upstream server's error carried, if any
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -32,6 +33,10 @@ class TightwadError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        """Response headers that go with the error (``Retry-After`` on a 503)."""
+        return {}
 
 
 class BadRequest(TightwadError):
@@ -89,3 +94,11 @@ class BackendError(TightwadError):
 class BackendUnavailable(BackendError):
     status = 503
     type = "backend_unavailable"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after: int | None = None) -> None:
+        super().__init__(message, param=param, code=code)
+        self.retry_after = retry_after  # seconds a client should wait before retrying
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}

@@ -13,6 +13,12 @@ so drift on the machine hits both alike. Per round:
   in ``--k``: the worker's ``/v1/tightwad/verify`` (engine time) next to
   llama-server evaluating the same K+1 new tokens (``timings.prompt_ms``).
 
+- concurrent (``--clients N``, 0 to skip): both servers restarted with N
+  slots (one KV cache shared by the slots on both sides), then N greedy
+  clients at once, each with its own prompt and ``--tokens`` tokens: total
+  generated tokens per second of wall time, and how many clients got exactly
+  the output they get alone.
+
 Medians and the worker/llama-server ratios are printed and written as JSON::
 
     python contrib/benchmarks/worker_vs_server.py --rounds 5 --json worker-vs-server.json
@@ -30,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import trio
 
 from tightwad_core.runtime import catalog
 from tightwad_core.runtime.procs import find_engine, free_port, usable_cores
@@ -102,6 +109,53 @@ def worker_verify(c: httpx.Client, ids: list[int], cont: list[int], k: int) -> f
     return float(out["engine_ms"])
 
 
+CLIENT_PROMPTS = [
+    "def quicksort(xs):\n", "# A shell script that backs up /etc\n", "SELECT name FROM users WHERE",
+    "class Stack:\n    def __init__(self):\n", "The three laws of motion are", "fn main() {\n",
+    "<!DOCTYPE html>\n<html>\n", "import numpy as np\n\ndef softmax(x):\n"]
+
+
+def one_completion(side: str, base: str, ids: list[int], n: int) -> tuple[str, dict[str, Any]]:
+    if side == "llama-server":
+        return "/completion", {"prompt": ids, "n_predict": n, "temperature": 0, "cache_prompt": False,
+                               "ignore_eos": True}
+    return "/v1/completions", {"prompt": ids, "max_tokens": n, "temperature": 0}
+
+
+def out_tokens(side: str, data: dict[str, Any]) -> tuple[str, int]:
+    """The generated text and how many tokens it took."""
+    if side == "llama-server":
+        return str(data["content"]), int(data["tokens_predicted"])
+    return str(data["choices"][0]["text"]), int(data["usage"]["completion_tokens"])
+
+
+async def concurrent(side: str, base: str, prompts: list[list[int]], n: int) -> tuple[float, list[str]]:
+    """N clients at once: (generated tokens per second of wall time, each client's text)."""
+    outs: list[tuple[str, int]] = [("", 0) for _ in prompts]
+    async with httpx.AsyncClient(base_url=base, timeout=600) as c:
+        async def one(i: int) -> None:
+            path, body = one_completion(side, base, prompts[i], n)
+            r = await c.post(path, json=body)
+            r.raise_for_status()
+            outs[i] = out_tokens(side, r.json())
+
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for i in range(len(prompts)):
+                nursery.start_soon(one, i)
+        wall = time.perf_counter() - t0
+    return sum(o[1] for o in outs) / wall, [o[0] for o in outs]
+
+
+def alone(side: str, base: str, prompts: list[list[int]], n: int) -> list[str]:
+    with httpx.Client(base_url=base, timeout=600) as c:
+        result = []
+        for ids in prompts:
+            path, body = one_completion(side, base, ids, n)
+            result.append(out_tokens(side, c.post(path, json=body).json())[0])
+        return result
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="@" + catalog.DEFAULT_TARGET, help="GGUF path or @name")
@@ -110,6 +164,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per decode run")
     ap.add_argument("--prompt-tokens", type=int, default=512, help="length of the prompt-eval prompt")
     ap.add_argument("--k", default="1,2,4,8", help="draft lengths whose verify is timed")
+    ap.add_argument("--clients", type=int, default=4, help="concurrent greedy clients (0: skip)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = ap.parse_args()
     model = catalog.resolve_model(args.model)
@@ -151,15 +206,45 @@ def main() -> int:
         for proc in (server, worker):
             proc.terminate()
             proc.wait(10)
+    same_as_alone: dict[str, list[int]] = {"llama-server": [], "worker": []}
+    if args.clients > 0:
+        n = args.clients
+        server = start([str(find_engine("llama-server")), "-m", str(model), "--port", str(sp), "-t",
+                        str(threads), "-tb", str(threads), "-c", str(4096 * n), "-np", str(n),
+                        "--kv-unified", "--no-webui"],
+                       f"http://127.0.0.1:{sp}", logs / "llama-server-parallel.log")
+        worker = start([str(Path(sys.executable).parent / "tightwad"), "worker", "--model", str(model),
+                        "--port", str(wp), "--threads", str(threads), "--slots", str(n), "--ctx-size",
+                        "4096"], f"http://127.0.0.1:{wp}", logs / "worker-parallel.log")
+        bases = {"llama-server": f"http://127.0.0.1:{sp}", "worker": f"http://127.0.0.1:{wp}"}
+        try:
+            with httpx.Client(base_url=bases["llama-server"], timeout=600) as s:
+                prompts = [tokens(s, CLIENT_PROMPTS[i % len(CLIENT_PROMPTS)]) for i in range(n)]
+            refs = {side: alone(side, base, prompts, args.tokens) for side, base in bases.items()}
+            for r in range(args.rounds):
+                order = ["llama-server", "worker"] if r % 2 == 0 else ["worker", "llama-server"]
+                for side in order:
+                    rate, outs = trio.run(concurrent, side, bases[side], prompts, args.tokens)
+                    figures[side].setdefault(f"concurrent{n}_tok_s", []).append(rate)
+                    same_as_alone[side].append(sum(o == a for o, a in zip(outs, refs[side])))
+        finally:
+            for proc in (server, worker):
+                proc.terminate()
+                proc.wait(10)
     med = {side: {k: statistics.median(v) for k, v in f.items()} for side, f in figures.items()}
     report = {"model": str(model), "threads": threads, "usable_cores": usable_cores(), "rounds": args.rounds,
               "median": med, "worker_over_server": {k: med["worker"][k] / med["llama-server"][k]
-                                                   for k in med["worker"]}, "runs": figures}
+                                                   for k in med["worker"]}, "runs": figures,
+              "clients": args.clients, "clients_same_as_alone": same_as_alone}
     print(f"{model.name}, {threads} threads, {args.rounds} alternating rounds (medians)")
     print(f"{'figure':<22}{'llama-server':>14}{'worker':>12}{'worker/server':>15}")
     for k in med["worker"]:
         print(f"{k:<22}{med['llama-server'][k]:>14.1f}{med['worker'][k]:>12.1f}"
               f"{report['worker_over_server'][k]:>15.2f}")
+    if args.clients:
+        for side, hits in same_as_alone.items():
+            print(f"{side}: clients whose concurrent output equals their output alone, per round: {hits} "
+                  f"of {args.clients}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -61,45 +61,28 @@ class LlamaServerDrafter:
 
 
 class WorkerDrafter:
-    """Draft tokens from a worker, keeping its KV cache across rounds.
+    """Draft tokens from a worker.
 
-    Each proposal reuses a worker session whose cached tokens share the
-    longest prefix with the context (the previous round's rejected drafts are
-    dropped by sending a shorter `past`); concurrent requests each get their
-    own session, up to the worker's slots."""
+    Each proposal is a one-off draft (``keep: false``): the worker runs it on
+    the free sequence whose cache shares the longest prefix with the context
+    and frees that sequence with the answer, keeping its cache. So a request's
+    next round finds its own cache again (the previous round's rejected drafts
+    are rolled back there), and no idle session of ours ever holds a sequence
+    another request waits for."""
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
         self.name = f"worker at {backend.base_url}"
-        self._idle: list[tuple[str, list[int]]] = []  # (session, tokens in its KV)
-
-    def _take(self, context: list[int]) -> tuple[str | None, int]:
-        best, best_len = None, -1
-        for i, (_, kv) in enumerate(self._idle):
-            n = 0
-            limit = min(len(kv), len(context) - 1)  # at least one token must be evaluated
-            while n < limit and kv[n] == context[n]:
-                n += 1
-            if n > best_len:
-                best, best_len = i, n
-        if best is None or best_len <= 0:
-            return None, 0
-        sid, _ = self._idle.pop(best)
-        return sid, best_len
 
     async def propose(self, context: list[int], k: int, sampling: SamplingParams) -> Proposal:
         t0 = time.perf_counter()
-        sid, past = self._take(context)
-        body = {"session": sid, "past": past, "tokens": context[past:], "k": k,
+        body = {"session": None, "past": 0, "tokens": context, "k": k, "keep": False,
                 "sampling": msgspec.to_builtins(sampling)}
         data = await post_json(self.backend.client, "/v1/tightwad/draft", body, self.backend.where)
         tokens = [int(t) for t in data.get("tokens") or ()][:k]
         q = data.get("q")
         if q is not None:
             q = [{int(t): float(p) for t, p in row.items()} for row in q][: len(tokens)]
-        kv = (context + tokens)[: int(data.get("n_past", 0))]
-        self._idle.append((data["session"], kv))
-        del self._idle[:-4]  # the worker expires what we forget
         return Proposal(tokens=tokens, q=q, seconds=time.perf_counter() - t0)
 
 

@@ -38,9 +38,11 @@ class WorkerConfigError(Exception):
 
 async def serve_worker(model: Path, host: str = "127.0.0.1", port: int = 8090, *,
                        slots: int = 2, ctx: int = 4096, threads: int | None = None,
-                       api_key: str | None = None, session_ttl: float = 300.0,
+                       api_key: str | None = None, session_ttl: float = 60.0,
                        max_body_bytes: int = 8 << 20, max_tokens_limit: int = 4096,
-                       verbose: bool = False,
+                       queue_max: int = 64, queue_timeout: float = 120.0,
+                       n_gpu_layers: int | None = None, devices: list[str] | None = None,
+                       kv_unified: bool = True, verbose: bool = False,
                        task_status: trio.TaskStatus[RunningWorker] = trio.TASK_STATUS_IGNORED,
                        ) -> None:
     """Load the model (in a thread), then serve until cancelled or until the
@@ -51,8 +53,13 @@ async def serve_worker(model: Path, host: str = "127.0.0.1", port: int = 8090, *
                                 "set TIGHTWAD_API_KEY")
     if not model.is_file():
         raise WorkerConfigError(f"model file not found: {model}")
-    eng = await Engine.load(model, slots=slots, ctx=ctx, threads=threads,
-                            session_ttl=session_ttl, verbose=verbose)
+    try:
+        eng = await Engine.load(model, slots=slots, ctx=ctx, threads=threads,
+                                session_ttl=session_ttl, verbose=verbose,
+                                n_gpu_layers=n_gpu_layers, devices=devices, queue_max=queue_max,
+                                queue_timeout=queue_timeout, unified=kv_unified)
+    except ValueError as exc:  # an unknown --device
+        raise WorkerConfigError(str(exc)) from exc
     shutdown = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
@@ -63,8 +70,11 @@ async def serve_worker(model: Path, host: str = "127.0.0.1", port: int = 8090, *
                 nursery.cancel_scope.cancel()
 
             binds = await nursery.start(http)
-            log.info("worker serving %s on %s (%d slots, n_ctx %d)", model.name, binds[0],
-                     slots, eng.n_ctx)
+            log.info("worker serving %s on %s (%d sequences of up to %d tokens in one %s "
+                     "KV cache; queue %d)", model.name, binds[0], slots, eng.n_ctx,
+                     "unified" if kv_unified else "per-sequence", queue_max)
+            log.info("devices: %s; available: %s", eng.model.placement(),
+                     ", ".join(d.line() for d in eng.model.available) or "none")
             log.info("threads %d (usable cores: %d); llama.cpp: %s",
                      threads or usable_cores(), usable_cores(), eng.model.system_info())
             task_status.started(RunningWorker(binds[0], eng, shutdown))
@@ -88,20 +98,41 @@ async def _until_signal(**kw: Any) -> None:
               help='GGUF file to serve, or a built-in model such as "@qwen2.5-coder-1.5b".')
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8090, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--slots", default=2, show_default=True, type=click.IntRange(1, 64),
-              help="Independent KV caches: how many sessions can be open at once.")
+@click.option("--slots", "--parallel", "slots", default=2, show_default=True,
+              type=click.IntRange(1, 64),
+              help="Sequences of the one batched context: how many sessions (requests) run at "
+                   "once; their rounds share each forward pass.")
 @click.option("--ctx-size", "ctx", default=4096, show_default=True, type=click.IntRange(16),
-              help="Context length of each slot, in tokens.")
+              help="Most tokens one sequence (request) may hold; the KV cache holds "
+                   "slots x ctx-size.")
+@click.option("--queue", "queue_max", default=64, show_default=True, type=click.IntRange(0),
+              help="Requests that may wait for a sequence when all are in use; more get 503 "
+                   "with Retry-After.")
+@click.option("--queue-timeout", default=120.0, show_default=True, type=click.FloatRange(0.0),
+              help="Seconds a request waits for a sequence before it gets 503.")
+@click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", default=None, type=click.IntRange(-1),
+              help="Layers to offload to the GPU devices (-1: all). Default: all when this "
+                   "build of llama.cpp has a GPU, else 0.")
+@click.option("--device", "-dev", "devices", default=None, metavar="NAME[,NAME...]",
+              help="Devices to load the model onto, by llama.cpp's names (CUDA0, ROCm0, MTL0, "
+                   "Vulkan0, RPC[host:port]; CPU or none: no offload). Default: every GPU. "
+                   "The start-up log lists the names this build has.")
+@click.option("--kv-unified/--no-kv-unified", default=True, show_default=True,
+              help="One KV buffer shared by all sequences (prefixes can be shared between "
+                   "them) or one per sequence.")
 @click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads per eval.")
 @click.option("--api-key", envvar="TIGHTWAD_API_KEY", default=None,
               help="Bearer token clients must send (env TIGHTWAD_API_KEY); required when "
                    "listening beyond loopback.")
-@click.option("--session-ttl", default=300.0, show_default=True, type=click.FloatRange(1.0),
-              help="Seconds an idle session keeps its slot.")
+@click.option("--session-ttl", default=60.0, show_default=True, type=click.FloatRange(1.0),
+              help="Seconds a session may sit idle between rounds before its sequence is freed "
+                   "(clients re-open expired sessions by re-sending the context).")
 @click.option("--max-tokens", "max_tokens_limit", default=4096, show_default=True,
               type=click.IntRange(1), help="Upper bound on max_tokens for plain completions.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging, including llama.cpp's.")
 def worker_command(model_ref: str, host: str, port: int, slots: int, ctx: int,
+                   queue_max: int, queue_timeout: float, n_gpu_layers: int | None,
+                   devices: str | None, kv_unified: bool,
                    threads: int | None, api_key: str | None, session_ttl: float,
                    max_tokens_limit: int, verbose: bool) -> None:
     """Serve one model for speculative decoding: each verify request checks K
@@ -120,9 +151,12 @@ def worker_command(model_ref: str, host: str, port: int, slots: int, ctx: int,
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        dev_list = None if devices is None else [d for d in devices.split(",") if d.strip()]
         trio.run(partial(_until_signal, model=model, host=host, port=port, slots=slots, ctx=ctx,
                          threads=threads, api_key=api_key, session_ttl=session_ttl,
-                         max_tokens_limit=max_tokens_limit, verbose=verbose))
+                         max_tokens_limit=max_tokens_limit, queue_max=queue_max,
+                         queue_timeout=queue_timeout, n_gpu_layers=n_gpu_layers,
+                         devices=dev_list, kv_unified=kv_unified, verbose=verbose))
     except KeyboardInterrupt:
         pass
     except (WorkerConfigError, OSError, RuntimeError, BaseExceptionGroup) as exc:

@@ -1,16 +1,18 @@
-"""The worker's engine: verify and draft rounds on per-session KV caches.
+"""The worker's engine: verify and draft rounds on per-session sequences of
+one batched context.
 
-Each request runs its whole evaluation (cache rollback, one batched decode,
-acceptance) in one ``trio.to_thread.run_sync(..., abandon_on_cancel=False)``
-call under the slot's lock: when the client goes away, trio waits for that
-thread to finish, so a session's ``n_past`` and its cache always agree.
+Each round is a ``Job`` for the scheduler (cache rollback, evaluation of the
+new tokens, acceptance in the engine thread); rounds of concurrent sessions
+share each ``llama_decode``. A session runs one round at a time (its
+sequence's lock); when a client goes away its job is dropped at the next
+step, so a session's ``n_past`` and its cache always agree.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,7 +23,7 @@ import trio
 
 from tightwad_core.errors import BadRequest
 from tightwad_plugins.worker import rejection
-from tightwad_plugins.worker.model import Model
+from tightwad_plugins.worker.model import Context, Job, Model
 from tightwad_plugins.worker.protocol import (
     MAX_DRAFT,
     MAX_Q_SUPPORT,
@@ -34,6 +36,7 @@ from tightwad_plugins.worker.protocol import (
     check_sampling,
     check_tokens,
 )
+from tightwad_plugins.worker.scheduler import Scheduler
 from tightwad_plugins.worker.sessions import Session, SessionTable, Slot
 
 log = logging.getLogger("tightwad.worker")
@@ -41,18 +44,20 @@ T = TypeVar("T")
 
 
 class Engine:
-    """One model, ``slots`` contexts, and the sessions on them."""
+    """One model, one context with ``slots`` sequences, and the sessions on them."""
 
     def __init__(self, model: Model, *, slots: int = 2, ctx: int = 4096,
-                 session_ttl: float = 300.0, n_batch: int = 512) -> None:
+                 session_ttl: float = 60.0, n_batch: int = 512, queue_max: int = 64,
+                 queue_timeout: float = 120.0, unified: bool = True) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
         self.model = model
         self.vocab = model.vocab
-        n_batch = min(n_batch, ctx)
-        contexts = [model.new_context(ctx, n_batch) for _ in range(slots)]
-        self.table = SessionTable([Slot(i, c) for i, c in enumerate(contexts)], session_ttl)
-        self.n_ctx = contexts[0].n_ctx
+        self.context = Context(model, slots, ctx, min(n_batch, ctx), unified=unified)
+        self.scheduler = Scheduler(self.context)
+        self.table = SessionTable([Slot(q) for q in self.context.seqs], session_ttl,
+                                  queue_max=queue_max, queue_timeout=queue_timeout)
+        self.n_ctx = self.context.n_ctx_seq
         v = self.vocab  # the body of GET /v1/tightwad/vocab, built once (in the load thread)
         self.vocab_body = msgspec.json.encode({
             "n_vocab": v.n_vocab, "fingerprint": v.fingerprint, "eos": sorted(v.eos),
@@ -63,42 +68,53 @@ class Engine:
         self.chat_formatter: Any = None  # built on first use from the GGUF's chat template
 
     @classmethod
-    async def load(cls, path: Path, *, slots: int = 2, ctx: int = 4096,
-                   threads: int | None = None, session_ttl: float = 300.0,
-                   verbose: bool = False) -> Engine:
+    async def load(cls, path: Path, *, threads: int | None = None, verbose: bool = False,
+                   n_gpu_layers: int | None = None, devices: list[str] | None = None,
+                   **kw: Any) -> Engine:
         def build() -> Engine:
-            model = Model(path, threads=threads, verbose=verbose)
-            return cls(model, slots=slots, ctx=ctx, session_ttl=session_ttl)
+            model = Model(path, threads=threads, verbose=verbose, n_gpu_layers=n_gpu_layers,
+                          devices=devices)
+            try:
+                return cls(model, **kw)
+            except BaseException:
+                model.close()
+                raise
 
         return await trio.to_thread.run_sync(build, abandon_on_cancel=False)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Background work (session expiry); run it in the worker's nursery."""
-        task_status.started()
-        await self.table.expire_forever()
+        """The scheduler and session expiry; run it in the worker's nursery."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.scheduler.run)
+            nursery.start_soon(self.table.expire_forever)
+            task_status.started()
 
     async def close(self) -> None:
-        """Free the contexts and the model once no evaluation is running."""
+        """Free the context and the model (after ``run`` has ended)."""
         with trio.CancelScope(shield=True):
-            for slot in self.table.slots:
-                async with slot.lock:
-                    slot.ctx.close()
-            self.model.close()
+            def free() -> None:
+                self.context.close()
+                self.model.close()
+
+            await trio.to_thread.run_sync(free, abandon_on_cancel=False)
 
     # ------------------------------------------------------------- running
 
-    async def in_slot(self, sess: Session, fn: Callable[[], T]) -> T:
-        """Run ``fn`` in a thread while holding the session's slot."""
-        async with sess.slot.lock:
-            return await trio.to_thread.run_sync(fn, abandon_on_cancel=False)
+    async def evaluate(self, sess: Session, past: int, new: list[int], need: int, *,
+                       on_row: Callable[[int, Any], None] | None = None,
+                       finish: Callable[[list[Any]], T] | None = None) -> T:
+        """One job on ``sess``'s sequence (see ``Job``); its ``finish`` value."""
+        job = Job(sess.slot.seq, past, new, need, on_row=on_row, finish=finish)
+        result: T = await self.scheduler.submit(job)
+        return result
 
-    def _session(self, sid: str | None, past: int, tokens: list[int],
-                 seed: int | None) -> tuple[Session, bool]:
+    async def _session(self, sid: str | None, past: int, tokens: list[int],
+                       seed: int | None, ephemeral: bool = False) -> tuple[Session, bool]:
         if sid is None:
             if past != 0:
                 raise SessionConflict("a new session starts from nothing: `past` must be 0",
                                       param="past")
-            return self.table.open(tokens, seed), True
+            return await self.table.open(tokens, seed, ephemeral=ephemeral), True
         return self.table.acquire(sid), False
 
     def _check_length(self, past: int, n_new: int) -> None:
@@ -113,14 +129,14 @@ class Engine:
                                   "session holds", param="past")
 
     async def _round(self, sid: str | None, past: int, tokens: list[int], seed: int | None,
-                     work: Callable[[Session], T]) -> tuple[Session, T]:
-        sess, created = self._session(sid, past, tokens, seed)
+                     work: Callable[[Session], Awaitable[T]], *,
+                     ephemeral: bool = False) -> tuple[Session, T]:
+        sess, created = await self._session(sid, past, tokens, seed, ephemeral)
         ok = False
         try:
             async with sess.slot.lock:
                 self._check_room(sess, past)
-                result = await trio.to_thread.run_sync(partial(work, sess),
-                                                       abandon_on_cancel=False)
+                result = await work(sess)
             ok = True
             return sess, result
         finally:
@@ -162,18 +178,18 @@ class Engine:
         drafts = tokens[len(tokens) - draft:]
         past = req.past
 
-        def work(sess: Session) -> tuple[int, int, list[float] | None, int, float]:
+        async def work(sess: Session) -> tuple[int, int, list[float] | None, int, float]:
+            def accept(rows: list[np.ndarray]) -> tuple[int, int, list[float] | None]:
+                if params.greedy:
+                    return rejection.accept_greedy(np.stack(rows), drafts)
+                accepted, token = rejection.accept_sampled(np.stack(rows), drafts, q or [],
+                                                           params, sess.rng)
+                return accepted, token, None
+
             t0 = time.perf_counter()
-            rows = sess.slot.ctx.eval(past, tokens, need=draft + 1)
-            assert rows is not None
-            if params.greedy:
-                accepted, token, gaps = rejection.accept_greedy(rows, drafts)
-                out_gaps: list[float] | None = gaps
-            else:
-                accepted, token = rejection.accept_sampled(rows, drafts, q or [], params,
-                                                           sess.rng)
-                out_gaps = None
-            return accepted, token, out_gaps, sess.slot.n_past, (time.perf_counter() - t0) * 1e3
+            accepted, token, gaps = await self.evaluate(sess, past, tokens, draft + 1,
+                                                        finish=accept)
+            return accepted, token, gaps, sess.slot.n_past, (time.perf_counter() - t0) * 1e3
 
         sess, (accepted, token, gaps, n_past, ms) = await self._round(
             req.session, past, tokens, params.seed, work)
@@ -195,32 +211,32 @@ class Engine:
         check_tokens(req.tokens, self.vocab.n_vocab)
         tokens, past = list(req.tokens), req.past
 
-        def work(sess: Session) -> tuple[list[int], list[dict[int, float]] | None, int, float]:
+        async def work(sess: Session) -> tuple[list[int], list[dict[int, float]] | None, int,
+                                                float]:
             t0 = time.perf_counter()
-            ctx = sess.slot.ctx
-            rows = ctx.eval(past, tokens, need=1)
-            assert rows is not None
-            row = rows[-1]
             out: list[int] = []
             qs: list[dict[int, float]] = []
-            for j in range(k):
+
+            def choose(rows: list[np.ndarray]) -> int:
+                row = rows[-1]
                 if params.greedy:
-                    tok = int(np.argmax(row))
-                else:
-                    probs = rejection.draft_probs(row, params)
-                    tok = rejection.sample(probs, sess.rng)
-                    qs.append(rejection.sparse(probs))
+                    return int(np.argmax(row))
+                probs = rejection.draft_probs(row, params)
+                qs.append(rejection.sparse(probs))
+                return rejection.sample(probs, sess.rng)
+
+            tok = await self.evaluate(sess, past, tokens, 1, finish=choose)
+            out.append(tok)
+            for _ in range(k - 1):
+                tok = await self.evaluate(sess, sess.slot.n_past, [tok], 1, finish=choose)
                 out.append(tok)
-                if j < k - 1:
-                    nxt = ctx.eval(len(ctx.tokens), [tok], need=1)
-                    assert nxt is not None
-                    row = nxt[-1]
             ms = (time.perf_counter() - t0) * 1e3
-            return out, (None if params.greedy else qs), len(ctx.tokens), ms
+            return out, (None if params.greedy else qs), sess.slot.n_past, ms
 
         sess, (out, qs, n_past, ms) = await self._round(
-            req.session, past, tokens, params.seed, work)
-        return DraftResponse(session=sess.id, tokens=out, q=qs, n_past=n_past, engine_ms=ms)
+            req.session, past, tokens, params.seed, work, ephemeral=not req.keep)
+        return DraftResponse(session=sess.id if req.keep else None, tokens=out, q=qs,
+                             n_past=n_past, engine_ms=ms)
 
     # ------------------------------------------------------------- misc
 
@@ -232,19 +248,27 @@ class Engine:
             partial(self.model.tokenize, text, add_special=add_special), abandon_on_cancel=False)
 
     def info(self) -> dict[str, Any]:
-        t = self.table
+        t, m, c = self.table, self.model, self.context
         return {
-            "model": str(self.model.path),
-            "chat_template": self.model.chat_template,
+            "model": str(m.path),
+            "chat_template": m.chat_template,
             "n_ctx": self.n_ctx,
             "n_vocab": self.vocab.n_vocab,
             "slots": len(t.slots),
             "sessions": len(t.by_id),
             "slots_in_use": t.in_use(),
+            "waiting": len(t.waiting),
+            "queue_max": t.queue_max,
+            "queued": t.queued,
+            "refused": t.refused,
             "session_ttl": t.ttl,
             "rounds": self.rounds,
-            "evicted": t.evicted,
             "expired": t.expired,
+            "decodes": c.decodes,
+            "batched_decodes": c.batched,
+            "kv_unified": c.unified,
+            "n_gpu_layers": m.n_gpu_layers,
+            "devices": [d.name for d in m.devices] or ["CPU"],
+            "placement": m.placement(),
             "capabilities": {"verify": True, "draft": True, "prompt_logprobs": True},
         }
-

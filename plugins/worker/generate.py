@@ -1,10 +1,11 @@
 """Plain generation for ``/v1/completions`` and ``/v1/chat/completions``.
 
-Each step (one decode plus choosing the next token) is one
-``trio.to_thread.run_sync`` call on a slot held by an ephemeral session, so
-a client that disconnects stops generation after the current token and the
-slot is free for the next request. Logits never leave the thread: only the
-chosen token and, when asked, its log-probability figures come back.
+Each step (one token evaluated, the next one chosen) is one scheduler job
+on the sequence of an ephemeral session, so concurrent generations share
+every decode, and a client that disconnects stops generation after the
+current step and frees the sequence for the next request. Logits never
+leave the engine thread: only the chosen token and, when asked, its
+log-probability figures come back.
 
 Log-probabilities are the model's own (log-softmax of the raw logits),
 whatever the sampler settings.
@@ -13,9 +14,8 @@ whatever the sampler settings.
 from __future__ import annotations
 
 import codecs
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -77,7 +77,8 @@ def token_lp(row: np.ndarray, tok: int, n_top: int) -> TokenLP:
 class _Picker:
     """Chooses each next token inside the engine thread."""
 
-    def __init__(self, sess: Session, opts: GenOptions) -> None:
+    def __init__(self, engine: Engine, sess: Session, opts: GenOptions) -> None:
+        self.engine = engine
         self.sess = sess
         self.opts = opts
         self.n_top = max(opts.logprobs or 0, 0)
@@ -89,13 +90,14 @@ class _Picker:
         lp = token_lp(row, tok, self.n_top) if self.opts.logprobs is not None else None
         return tok, lp
 
-    def first(self, prompt: list[int], prompt_top: int | None
-              ) -> tuple[int, TokenLP | None, list[TokenLP | None] | None]:
-        ctx = self.sess.slot.ctx
+    def _last(self, rows: list[np.ndarray]) -> tuple[int, TokenLP | None]:
+        return self.pick(rows[-1])
+
+    async def first(self, prompt: list[int], prompt_top: int | None
+                    ) -> tuple[int, TokenLP | None, list[TokenLP | None] | None]:
         if prompt_top is None:
-            rows = ctx.eval(0, prompt, need=1)
-            assert rows is not None
-            return (*self.pick(rows[-1]), None)
+            tok, lp = await self.engine.evaluate(self.sess, 0, prompt, 1, finish=self._last)
+            return tok, lp, None
         lps: list[TokenLP | None] = [None]
         out: list[tuple[int, TokenLP | None]] = []
 
@@ -105,14 +107,13 @@ class _Picker:
             else:
                 out.append(self.pick(row))
 
-        ctx.eval(0, prompt, need=len(prompt), on_row=on_row)
+        await self.engine.evaluate(self.sess, 0, prompt, len(prompt), on_row=on_row)
         return (*out[0], lps)
 
-    def next(self, tok: int) -> tuple[int, TokenLP | None]:
-        ctx = self.sess.slot.ctx
-        rows = ctx.eval(len(ctx.tokens), [tok], need=1)
-        assert rows is not None
-        return self.pick(rows[-1])
+    async def next(self, tok: int) -> tuple[int, TokenLP | None]:
+        result: tuple[int, TokenLP | None] = await self.engine.evaluate(
+            self.sess, self.sess.slot.n_past, [tok], 1, finish=self._last)
+        return result
 
 
 async def generate(engine: Engine, prompt: list[int], opts: GenOptions, *,
@@ -122,13 +123,12 @@ async def generate(engine: Engine, prompt: list[int], opts: GenOptions, *,
     if len(prompt) >= engine.n_ctx:
         raise ContextFull(len(prompt), engine.n_ctx)
     budget = min(opts.max_tokens, engine.n_ctx - len(prompt))
-    sess = engine.table.open(prompt, opts.params.seed, ephemeral=True)
+    sess = await engine.table.open(prompt, opts.params.seed, ephemeral=True)
     try:
-        picker = _Picker(sess, opts)
+        picker = _Picker(engine, sess, opts)
         want_prompt = opts.prompt_logprobs is not None or (opts.echo and opts.logprobs is not None)
         prompt_top = max(opts.prompt_logprobs or 0, opts.logprobs or 0) if want_prompt else None
-        call: Callable[[], Any] = lambda: picker.first(prompt, prompt_top)  # noqa: E731
-        tok, lp, prompt_lps = await engine.in_slot(sess, call)
+        tok, lp, prompt_lps = await picker.first(prompt, prompt_top)
 
         head = Chunk(prompt_lps=prompt_lps if opts.prompt_logprobs is not None else None)
         base = 0
@@ -175,8 +175,7 @@ async def generate(engine: Engine, prompt: list[int], opts: GenOptions, *,
                     sent = max(safe, sent)
                     yield pending
                     pending = Chunk()
-            nxt = tok
-            tok, lp = await engine.in_slot(sess, lambda: picker.next(nxt))
+            tok, lp = await picker.next(tok)
         if not cut:  # an incomplete UTF-8 sequence at the end becomes U+FFFD
             text += dec.decode(b"", final=True)
         pending.text = text[sent:]

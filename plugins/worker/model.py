@@ -1,9 +1,11 @@
 """llama.cpp through llama-cpp-python's low-level bindings: one model, one
-context per slot, and evaluation that returns logits only where asked.
+context whose sequences are the sessions' KV caches, and evaluation of many
+sequences' tokens in one ``llama_decode`` that returns logits only where
+asked.
 
-Everything here is synchronous and may block for a long time; the engine
-calls it through ``trio.to_thread.run_sync`` only. ctypes releases the GIL
-during native calls, so slots evaluate in parallel.
+Everything here is synchronous and may block for a long time; only the
+scheduler calls it, through ``trio.to_thread.run_sync``, one call at a time
+(one thread owns the context at any moment).
 
 The high-level ``llama_cpp.Llama`` is not used: with ``logits_all`` it keeps
 an ``n_ctx x n_vocab`` score matrix per instance (gigabytes for a 150k
@@ -14,7 +16,8 @@ needed in the batch, which is llama.cpp's per-batch equivalent.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +25,12 @@ import numpy as np
 
 from tightwad_core.runtime.procs import usable_cores
 from tightwad_core.vocab import Vocab, load_vocab
+from tightwad_plugins.worker import devices as devs
 
 #: Most positions whose logits one decode call returns (bounds the output buffer).
-MAX_OUTPUTS_PER_DECODE = 64
+MAX_OUTPUTS_PER_DECODE = 128
+#: A prefix another sequence holds is copied when it saves at least this many evaluations.
+MIN_COPY = 16
 
 
 def _lib() -> Any:
@@ -43,18 +49,28 @@ def _quiet(verbose: bool) -> None:
 class Model:
     """The loaded weights, the vocabulary and the chat template."""
 
-    def __init__(self, path: Path, *, threads: int | None = None, verbose: bool = False) -> None:
+    def __init__(self, path: Path, *, threads: int | None = None, verbose: bool = False,
+                 n_gpu_layers: int | None = None, devices: list[str] | None = None) -> None:
         llama_cpp = _lib()
         _quiet(verbose)
         llama_cpp.llama_backend_init()
-        params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = 0
         self.path = Path(path)
         self.threads = threads
+        self.available = devs.list_devices()
+        # the devices layers are offloaded to: the ones named, else every GPU
+        named = None if devices is None else [d for d in devices if d.lower() not in ("cpu", "none")]
+        self.devices = devs.pick(named, self.available)  # ValueError names what exists
+        n_layers = -1 if n_gpu_layers is None else n_gpu_layers
+        self.n_gpu_layers = n_layers if self.devices else 0
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = self.n_gpu_layers
+        self._dev_list = devs.c_list(self.devices)  # referenced until the model is freed
+        params.devices = ctypes.cast(self._dev_list, ctypes.c_void_p)
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not model:
             raise RuntimeError(f"llama.cpp could not load {path}")
         self.ptr = model
+        self.n_layer = int(llama_cpp.llama_model_n_layer(model))
         self.vocab_ptr = llama_cpp.llama_model_get_vocab(model)
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(model))
         self.metadata = self._metadata()
@@ -123,8 +139,13 @@ class Model:
         raw = _lib().llama_print_system_info()
         return (raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)).strip()
 
-    def new_context(self, n_ctx: int, n_batch: int) -> Context:
-        return Context(self, n_ctx, n_batch)
+    def placement(self) -> str:
+        """Where the layers run, for the start-up log and /v1/tightwad/info."""
+        if not self.devices or self.n_gpu_layers == 0:
+            return "all layers on the CPU"
+        n = self.n_layer + 1 if self.n_gpu_layers < 0 else min(self.n_gpu_layers, self.n_layer + 1)
+        names = ", ".join(d.line() for d in self.devices)
+        return f"{n} of {self.n_layer + 1} layers (with the output layer) on {names}"
 
     def close(self) -> None:
         if self.ptr:
@@ -132,21 +153,72 @@ class Model:
             self.ptr = None
 
 
-class Context:
-    """One llama.cpp context (one slot's KV cache) and what it holds.
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
-    ``tokens`` is exactly the sequence whose keys and values are in the
-    cache, position 0 first; it only changes together with the cache.
+
+@dataclass(eq=False)
+class Sequence:
+    """One sequence of the context. ``tokens`` is exactly what its KV cache
+    holds, position 0 first; it only changes together with the cache."""
+
+    index: int
+    limit: int  # most tokens it may hold
+    tokens: list[int] = field(default_factory=list)
+
+
+class JobCancelled(Exception):
+    """The job's caller went away before it was evaluated to the end."""
+
+
+@dataclass(eq=False)
+class Job:
+    """"Make ``seq`` hold ``seq.tokens[:past] + new`` and hand over the logits of
+    its last ``need`` positions": one request's part of a batched decode.
+
+    Cache entries shared with the wanted sequence are kept (a repeated prefix
+    is not evaluated again), except that the last ``need`` positions are
+    always evaluated. Rows go to ``on_row(position, row)`` as they come (valid
+    during the call only) or are collected; ``finish(rows)`` then runs in the
+    engine thread and its value is the job's result. Long inputs take several
+    decodes; other jobs' tokens share each one.
     """
 
-    def __init__(self, model: Model, n_ctx: int, n_batch: int) -> None:
+    seq: Sequence
+    past: int
+    new: list[int]
+    need: int
+    on_row: Callable[[int, np.ndarray], None] | None = None
+    finish: Callable[[list[np.ndarray]], Any] | None = None
+    # set by the context
+    want: list[int] = field(default_factory=list)
+    first_out: int = 0
+    pos: int = -1  # next position to evaluate; -1 until prepared
+    rows: list[np.ndarray] = field(default_factory=list)
+    result: Any = None
+    error: BaseException | None = None
+    finished: bool = False
+    cancelled: bool = False  # set by the caller, read at the next step
+
+
+class Context:
+    """One llama.cpp context with ``n_seq`` sequences of up to ``n_ctx_seq``
+    tokens each over one KV cache (unified: sequences may share cells)."""
+
+    def __init__(self, model: Model, n_seq: int, n_ctx_seq: int, n_batch: int,
+                 unified: bool = True) -> None:
         llama_cpp = _lib()
         self.model = model
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx
+        params.n_ctx = n_ctx_seq * n_seq
         params.n_batch = n_batch
         params.n_ubatch = n_batch
-        params.n_seq_max = 1
+        params.n_seq_max = n_seq
+        params.kv_unified = unified
         # llama.cpp's own default is a fixed 4 threads, which oversubscribes small machines
         threads = model.threads or usable_cores()
         params.n_threads = threads
@@ -156,81 +228,140 @@ class Context:
             raise RuntimeError("llama.cpp could not create a context")
         self.ptr = ctx
         self.mem = llama_cpp.llama_get_memory(ctx)
-        self.n_ctx = int(llama_cpp.llama_n_ctx(ctx))
+        self.unified = unified
+        self.n_ctx_seq = min(n_ctx_seq, int(llama_cpp.llama_n_ctx_seq(ctx)))
         self.n_batch = n_batch
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        self.tokens: list[int] = []
+        self.seqs = [Sequence(i, self.n_ctx_seq) for i in range(n_seq)]
+        self.decodes = 0  # llama_decode calls
+        self.batched = 0  # decodes that carried more than one sequence
 
-    def truncate(self, keep: int) -> None:
-        """Drop the cache entries at positions >= keep."""
+    # ------------------------------------------------------------ sequences
+
+    def truncate(self, seq: Sequence, keep: int) -> None:
+        """Drop ``seq``'s cache entries at positions >= keep."""
         llama_cpp = _lib()
-        if keep >= len(self.tokens):
+        if keep >= len(seq.tokens):
             return
-        if keep == 0 or not llama_cpp.llama_memory_seq_rm(self.mem, 0, keep, -1):
-            llama_cpp.llama_memory_clear(self.mem, True)
+        if keep == 0 or not llama_cpp.llama_memory_seq_rm(self.mem, seq.index, keep, -1):
+            llama_cpp.llama_memory_seq_rm(self.mem, seq.index, -1, -1)
             keep = 0
-        del self.tokens[keep:]
+        del seq.tokens[keep:]
 
-    def eval(self, past: int, new: Sequence[int], need: int,
-             on_row: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray | None:
-        """Make the cache hold ``tokens[:past] + new`` and return the logits of
-        its last ``need`` positions (rows in order).
+    def clear(self, seq: Sequence) -> None:
+        _lib().llama_memory_seq_rm(self.mem, seq.index, -1, -1)
+        seq.tokens.clear()
 
-        Cache entries shared with the wanted sequence are kept (so a repeated
-        prompt prefix is not evaluated again), except that the last ``need``
-        positions are always evaluated. With ``on_row`` the rows are handed
-        over one at a time as ``on_row(position, row)`` (the row is only valid
-        during the call) and nothing is returned. On any failure the cache is
-        cleared, so ``tokens`` never disagrees with it.
-        """
-        llama_cpp = _lib()
-        want = self.tokens[:past] + list(new)
-        if len(want) > self.n_ctx:
-            raise ValueError(f"{len(want)} tokens do not fit the context of {self.n_ctx}")
-        need = max(1, min(need, len(want)))
+    def _prepare(self, job: Job) -> None:
+        seq = job.seq
+        want = seq.tokens[:job.past] + list(job.new)
+        if len(want) > seq.limit:
+            raise ValueError(f"{len(want)} tokens do not fit the context of {seq.limit}")
+        need = max(1, min(job.need, len(want)))
         first_out = len(want) - need
-        limit = min(len(self.tokens), first_out)
-        common = min(past, limit)  # want[:past] is tokens[:past] by construction
-        while common < limit and self.tokens[common] == want[common]:
+        limit = min(len(seq.tokens), first_out)
+        common = min(job.past, limit)  # want[:past] is tokens[:past] by construction
+        while common < limit and seq.tokens[common] == want[common]:
             common += 1
-        try:
-            self.truncate(common)
-            start = len(self.tokens)
-            n_vocab = self.model.vocab.n_vocab
-            rows: list[np.ndarray] = []
-            pos = start
-            while pos < len(want):
-                end = min(len(want), pos + self.n_batch)
-                if end > first_out:  # bound the outputs of one decode
-                    end = min(end, max(first_out, pos) + MAX_OUTPUTS_PER_DECODE)
-                b = self.batch
-                outs: list[tuple[int, int]] = []
-                for i, p in enumerate(range(pos, end)):
-                    b.token[i] = want[p]
-                    b.pos[i] = p
-                    b.n_seq_id[i] = 1
-                    b.seq_id[i][0] = 0
-                    b.logits[i] = p >= first_out
-                    if p >= first_out:
-                        outs.append((i, p))
-                b.n_tokens = end - pos
-                rc = llama_cpp.llama_decode(self.ptr, b)
-                if rc != 0:
-                    raise RuntimeError(f"llama_decode returned {rc}")
-                self.tokens.extend(want[pos:end])
-                for i, p in outs:
-                    ptr = llama_cpp.llama_get_logits_ith(self.ptr, i)
-                    row = np.ctypeslib.as_array(ptr, shape=(n_vocab,))
-                    if on_row is not None:
-                        on_row(p, row)
+        self.truncate(seq, common)
+        if self.unified:  # a longer shared prefix in another sequence is copied, not evaluated
+            best, best_n = None, len(seq.tokens)
+            for other in self.seqs:
+                if other is not seq:
+                    n = common_prefix(other.tokens, want[:first_out])
+                    if n > best_n:
+                        best, best_n = other, n
+            if best is not None and best_n - len(seq.tokens) >= MIN_COPY:
+                llama_cpp = _lib()
+                self.clear(seq)
+                llama_cpp.llama_memory_seq_cp(self.mem, best.index, seq.index, 0, best_n)
+                seq.tokens[:] = want[:best_n]
+        job.want, job.first_out, job.pos = want, first_out, len(seq.tokens)
+
+    # ------------------------------------------------------------ one step
+
+    def step(self, jobs: list[Job]) -> None:
+        """One ``llama_decode`` over as many of the jobs' next tokens as fit in
+        a batch: the short ones (verify, draft and generation steps) first,
+        then prompt chunks. Jobs that are done get ``finished``; a failed
+        decode fails every job in it and clears their sequences."""
+        llama_cpp = _lib()
+        live: list[Job] = []
+        for j in jobs:
+            if j.finished:
+                continue
+            if j.cancelled:
+                j.error, j.finished = JobCancelled(), True
+                continue
+            if j.pos < 0:
+                try:
+                    self._prepare(j)
+                except Exception as exc:  # noqa: BLE001 (handed to the caller)
+                    j.error, j.finished = exc, True
+                    continue
+            live.append(j)
+        live.sort(key=lambda j: len(j.want) - j.pos)
+        b = self.batch
+        n = outs_total = 0
+        plan: list[tuple[Job, int, int]] = []
+        outs: list[tuple[int, Job, int]] = []
+        for j in live:
+            room = self.n_batch - n
+            if room <= 0:
+                break
+            end = min(len(j.want), j.pos + room)
+            if end > j.first_out:  # bound the outputs of one decode
+                end = min(end, max(j.first_out, j.pos) + MAX_OUTPUTS_PER_DECODE - outs_total)
+            if end <= j.pos:
+                continue
+            for p in range(j.pos, end):
+                b.token[n] = j.want[p]
+                b.pos[n] = p
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = j.seq.index
+                b.logits[n] = p >= j.first_out
+                if p >= j.first_out:
+                    outs.append((n, j, p))
+                n += 1
+            outs_total = len(outs)
+            plan.append((j, j.pos, end))
+        if not plan:
+            return
+        b.n_tokens = n
+        rc = llama_cpp.llama_decode(self.ptr, b)
+        self.decodes += 1
+        self.batched += len(plan) > 1
+        if rc != 0:
+            for j, _, _ in plan:
+                self.clear(j.seq)
+                j.error, j.finished = RuntimeError(f"llama_decode returned {rc}"), True
+            return
+        n_vocab = self.model.vocab.n_vocab
+        for j, start, end in plan:
+            j.seq.tokens.extend(j.want[start:end])
+            j.pos = end
+        for i, j, p in outs:
+            row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ptr, i),
+                                        shape=(n_vocab,))
+            try:
+                if j.error is None:
+                    if j.on_row is not None:
+                        j.on_row(p, row)
                     else:
-                        rows.append(row.copy())
-                pos = end
-        except BaseException:
-            llama_cpp.llama_memory_clear(self.mem, True)
-            self.tokens.clear()
-            raise
-        return None if on_row is not None else np.stack(rows)
+                        j.rows.append(row)  # a view: valid until the next decode
+            except Exception as exc:  # noqa: BLE001
+                j.error = exc
+        for j, _, end in plan:
+            if j.error is None and end < len(j.want):
+                j.rows = [r.copy() for r in j.rows]  # kept across decodes
+                continue
+            j.finished = True
+            if j.error is None and j.finish is not None:
+                try:
+                    j.result = j.finish(j.rows)
+                except Exception as exc:  # noqa: BLE001
+                    j.error = exc
+            j.rows = []
 
     def close(self) -> None:
         llama_cpp = _lib()
@@ -238,4 +369,3 @@ class Context:
             llama_cpp.llama_batch_free(self.batch)
             llama_cpp.llama_free(self.ptr)
             self.ptr = None
-

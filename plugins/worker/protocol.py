@@ -90,12 +90,15 @@ class DraftRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tokens: list[int]  # accepted tokens not evaluated yet (at least one)
     k: int  # how many tokens to propose
     sampling: Sampling = msgspec.field(default_factory=Sampling)
+    # false: a one-off draft whose session ends with the answer (its sequence
+    # keeps the cache, so the next draft with the same prefix still reuses it)
+    keep: bool = True
 
 
 class DraftResponse(msgspec.Struct, kw_only=True):
     """Answer of ``POST /v1/tightwad/draft``."""
 
-    session: str
+    session: str | None  # null when the request had keep = false
     tokens: list[int]  # the k proposed token ids
     # Sampling only: the distribution each proposed token was drawn from, as
     # {"token id": probability} over at most 64 tokens; null when greedy.
@@ -136,7 +139,7 @@ class SessionNotFound(NotFound):
 
 
 class WorkerBusy(BackendUnavailable):
-    """Every slot holds a session that is in use."""
+    """Every sequence is held and the wait queue is full or timed out."""
 
     type = "worker_busy"
     code = "no_free_slot"

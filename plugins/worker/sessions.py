@@ -1,28 +1,33 @@
-"""Slots and the sessions that hold them.
+"""Sequences and the sessions that hold them.
 
-A *slot* is one llama.cpp context: one KV cache. A *session* holds one slot
-from its first verify (or draft) until it is deleted, expires after
-``ttl`` idle seconds, or is evicted because a new session needs a slot and
-it is the least recently used idle one. A session is *active* while a
-request runs on it; active sessions are never evicted or expired.
+The worker has one llama.cpp context with ``n`` sequences (one KV cache,
+shared). A *session* holds one sequence from its first verify (or draft)
+until it is deleted or has been idle for ``ttl`` seconds: between the rounds
+of a request it is never taken away. When every sequence is held, a new
+session waits in a first-come queue of at most ``queue_max`` requests for at
+most ``queue_timeout`` seconds; beyond either it gets ``WorkerBusy`` (503
+with ``Retry-After``), and no running session is disturbed.
 
-When a session ends its slot keeps its cache: a later session whose prompt
-starts the same way reuses the shared prefix instead of evaluating it again.
+When a session ends its sequence keeps its cache: a later session whose
+prompt starts the same way reuses the shared prefix instead of evaluating it
+again (and the context can copy a prefix from another sequence).
 
 All bookkeeping here is synchronous and runs on the trio thread, so it needs
-no locks; the slot's ``trio.Lock`` only orders evaluations.
+no locks; a sequence's ``trio.Lock`` only orders the requests of a session.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 import trio
 
-from tightwad_plugins.worker.model import Context
+from tightwad_plugins.worker.model import Sequence, common_prefix
 from tightwad_plugins.worker.protocol import SessionNotFound, WorkerBusy
 
 log = logging.getLogger("tightwad.worker")
@@ -30,14 +35,19 @@ log = logging.getLogger("tightwad.worker")
 
 @dataclass(eq=False)
 class Slot:
-    index: int
-    ctx: Context
+    """A sequence of the context and who holds it."""
+
+    seq: Sequence
     lock: trio.Lock = field(default_factory=trio.Lock)
     session: Session | None = None
 
     @property
+    def index(self) -> int:
+        return self.seq.index
+
+    @property
     def n_past(self) -> int:
-        return len(self.ctx.tokens)
+        return len(self.seq.tokens)
 
 
 @dataclass(eq=False)
@@ -45,60 +55,95 @@ class Session:
     id: str
     slot: Slot
     rng: np.random.Generator
-    ephemeral: bool  # opened for one plain request, never listed by id
+    ephemeral: bool  # opened for one request (plain generation, a one-off draft)
     last_used: float = field(default_factory=trio.current_time)
     active: int = 0  # requests running on it now
     closed: bool = False
 
 
-def _common(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+@dataclass(eq=False)
+class _Waiter:
+    prompt: list[int]
+    event: trio.Event = field(default_factory=trio.Event)
+    slot: Slot | None = None
 
 
 class SessionTable:
-    def __init__(self, slots: list[Slot], ttl: float) -> None:
+    def __init__(self, slots: list[Slot], ttl: float, *, queue_max: int = 64,
+                 queue_timeout: float = 120.0) -> None:
         self.slots = slots
         self.ttl = ttl
+        self.queue_max = queue_max
+        self.queue_timeout = queue_timeout
         self.by_id: dict[str, Session] = {}
-        self.evicted = 0
+        self.waiting: deque[_Waiter] = deque()
         self.expired = 0
+        self.refused = 0
+        self.queued = 0  # requests that had to wait for a sequence
 
     # ---------------------------------------------------------------- lookup
 
-    def open(self, prompt: list[int], seed: int | None, *, ephemeral: bool = False) -> Session:
-        """A new active session on a free slot (the one sharing the longest
-        prefix with ``prompt``), else on the least recently used idle
-        session's slot; ``WorkerBusy`` when every slot is in use."""
+    async def open(self, prompt: list[int], seed: int | None, *,
+                   ephemeral: bool = False) -> Session:
+        """A new active session on a free sequence (the one sharing the longest
+        prefix with ``prompt``), waiting for one when all are held."""
         free = [s for s in self.slots if s.session is None]
-        if free:
-            slot = max(free, key=lambda s: _common(s.ctx.tokens, prompt))
+        if free and not self.waiting:
+            slot = max(free, key=lambda s: common_prefix(s.seq.tokens, prompt))
         else:
-            idle = [s for s in self.slots if s.session is not None and s.session.active == 0]
-            if not idle:
-                raise WorkerBusy(f"all {len(self.slots)} slots of this worker are in use; "
-                                 "retry later or start it with more --slots")
-            slot = min(idle, key=lambda s: s.session.last_used)  # type: ignore[union-attr]
-            assert slot.session is not None
-            log.info("evicting idle session %s from slot %d", slot.session.id, slot.index)
-            self.evicted += 1
-            self._free(slot.session)
+            slot = await self._wait(prompt)
         sid = secrets.token_hex(12)
-        rng = np.random.default_rng(seed)
-        sess = Session(id=sid, slot=slot, rng=rng, ephemeral=ephemeral, active=1)
+        sess = Session(id=sid, slot=slot, rng=np.random.default_rng(seed), ephemeral=ephemeral,
+                       active=1)
         slot.session = sess
         if not ephemeral:
             self.by_id[sid] = sess
         return sess
 
+    def _busy(self, why: str) -> WorkerBusy:
+        self.refused += 1
+        # a sequence frees when a request ends; suggest about one request's time
+        return WorkerBusy(f"all {len(self.slots)} sequences of this worker are in use and {why}; "
+                          "retry later or start it with more --slots",
+                          retry_after=max(1, math.ceil(min(self.queue_timeout, 30.0) / 4)))
+
+    async def _wait(self, prompt: list[int]) -> Slot:
+        if len(self.waiting) >= self.queue_max:
+            raise self._busy(f"{len(self.waiting)} requests are already waiting")
+        w = _Waiter(prompt)
+        self.waiting.append(w)
+        self.queued += 1
+        ok = False
+        try:
+            with trio.move_on_after(self.queue_timeout):
+                await w.event.wait()
+            ok = True
+        finally:
+            if w.slot is None:
+                if w in self.waiting:
+                    self.waiting.remove(w)
+            elif not ok:  # handed a sequence, then cancelled before taking it
+                w.slot.session = None
+                self._hand_over(w.slot)
+        if w.slot is None:
+            raise self._busy(f"none freed within {self.queue_timeout:g}s")
+        return w.slot
+
+    def _hand_over(self, slot: Slot) -> None:
+        """Give a freed sequence to the longest-waiting request, if any."""
+        while self.waiting and slot.session is None:
+            w = self.waiting.popleft()
+            if w.event.is_set():
+                continue
+            w.slot = slot
+            slot.session = _RESERVED
+            w.event.set()
+
     def acquire(self, sid: str) -> Session:
         sess = self.by_id.get(sid)
         if sess is None or sess.closed:
-            raise SessionNotFound(f"session {sid!r} is unknown: it expired, was deleted or was "
-                                  "evicted; open a new one with \"session\": null",
+            raise SessionNotFound(f"session {sid!r} is unknown: it expired, was deleted or the "
+                                  "worker restarted; open a new one with \"session\": null",
                                   param="session")
         sess.active += 1
         return sess
@@ -128,6 +173,7 @@ class SessionTable:
         self.by_id.pop(sess.id, None)
         if sess.slot.session is sess:
             sess.slot.session = None
+            self._hand_over(sess.slot)
 
     # ---------------------------------------------------------------- expiry
 
@@ -149,3 +195,7 @@ class SessionTable:
 
     def in_use(self) -> int:
         return sum(1 for s in self.slots if s.session is not None)
+
+
+#: Marks a sequence handed to a waiter that has not built its session yet.
+_RESERVED: Session = Session.__new__(Session)

@@ -81,11 +81,18 @@ def divergence_index(direct_ids: list[int], proxy_text: str, piece: Callable[[in
 
 
 def make_row(prompt: str, category: str | None, directs: list[DirectRun], proxies: list[ProxyRun],
-             divergence: Divergence | None) -> dict[str, Any]:
-    """One prompt's figures; ``divergence`` is None when every repeat was identical."""
+             divergence: Divergence | None,
+             baselines: list[DirectRun] | None = None) -> dict[str, Any]:
+    """One prompt's figures; ``divergence`` is None when every repeat was identical;
+    ``baselines``: the runs of the baseline server (`--baseline`), if any."""
     proxy_s = statistics.median(r.seconds for r in proxies)
     direct_s = statistics.median(r.seconds for r in directs)
     sums = {k: sum(r.counters.get(k, 0) for r in proxies) for k in COUNTERS}
+    base: dict[str, Any] = {}
+    if baselines:
+        base_s = statistics.median(r.seconds for r in baselines)
+        base = {"baseline_s": round(base_s, 6), "baseline_tokens": baselines[0].tokens,
+                "speedup_vs_baseline": round(base_s / proxy_s, 4) if proxy_s > 0 else None}
     return {
         "prompt": prompt,
         "category": category,
@@ -101,6 +108,7 @@ def make_row(prompt: str, category: str | None, directs: list[DirectRun], proxie
         "acceptance": _ratio(sums["accepted"], sums["drafted"]),
         "tokens_per_round": _ratio(sums["emitted"], sums["rounds"]),
         "runs": len(proxies),
+        **base,
         **sums,
     }
 
@@ -137,8 +145,21 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "tokens_per_round": rounded(_ratio(sums["emitted"], sums["rounds"])),
         "identical_rate": rounded(_ratio(sum(1 for r in rows if r["identical"]), n)),
         "near_tie_rate": rounded(_ratio(sum(1 for r in rows if near_tie(r)), n)),
+        **_baseline_totals(rows, proxy_s),
         **sums,
     }
+
+
+def _baseline_totals(rows: list[dict[str, Any]], proxy_s: float) -> dict[str, Any]:
+    if not rows or any("baseline_s" not in r for r in rows):
+        return {}
+    base_s = sum(r["baseline_s"] for r in rows)
+    tokens = sum(r["baseline_tokens"] for r in rows)
+    ratio = _ratio(base_s, proxy_s)
+    rate = _ratio(tokens, base_s)
+    return {"baseline_s": round(base_s, 6),
+            "baseline_tok_s": None if rate is None else round(rate, 2),
+            "speedup_vs_baseline": None if ratio is None else round(ratio, 4)}
 
 
 def build_report(profile_name: str, config: dict[str, Any], rows: list[dict[str, Any]],
@@ -189,13 +210,18 @@ def render(report: dict[str, Any], console: Any, *, title: str | None = None) ->
     out_w = max([9, 11, *map(len, verdicts)])
     room = max(8, min(40, int(getattr(console, "width", 80)) - 58 - out_w))
     table.add_column("prompt", no_wrap=True, overflow="ellipsis", max_width=room)
-    for name in ("tokens", "proxy\ns", "direct\ns", "speed\nup", "accept", "tok/\nround"):
+    with_base = "baseline_s" in report["totals"]
+    names = ["tokens", "proxy\ns", "direct\ns", "speed\nup"]
+    names += ["base\ns", "vs\nbase"] if with_base else []
+    for name in names + ["accept", "tok/\nround"]:
         table.add_column(name, justify="right", no_wrap=True, min_width=max(map(len, name.split("\n"))))
     table.add_column("output", no_wrap=True, overflow="ellipsis", min_width=9)
     def figures(row: dict[str, Any]) -> list[str]:
-        return [str(row["tokens"]), f"{row['proxy_s']:.3f}", f"{row['direct_s']:.3f}",
-                _num(row["speedup"], ".2f") + "x", _num(row["acceptance"], ".1%"),
-                _num(row["tokens_per_round"], ".2f")]
+        out = [str(row["tokens"]), f"{row['proxy_s']:.3f}", f"{row['direct_s']:.3f}",
+               _num(row["speedup"], ".2f") + "x"]
+        if with_base:
+            out += [_num(row.get("baseline_s"), ".3f"), _num(row.get("speedup_vs_baseline"), ".2f") + "x"]
+        return out + [_num(row["acceptance"], ".1%"), _num(row["tokens_per_round"], ".2f")]
 
     for i, row in enumerate(report["prompts"], 1):
         table.add_row(str(i), Text(excerpt(row["prompt"], room)), *figures(row), verdicts[i - 1])
@@ -207,5 +233,9 @@ def render(report: dict[str, Any], console: Any, *, title: str | None = None) ->
     console.print(f"proxy {_num(t['proxy_tok_s'], '.1f')} tok/s, direct "
                   f"{_num(t['direct_tok_s'], '.1f')} tok/s: speed-up {_num(t['speedup'], '.2f')}x",
                   highlight=False)
+    if with_base:
+        console.print(f"baseline ({cfg.get('baseline')}) {_num(t['baseline_tok_s'], '.1f')} tok/s: "
+                      f"proxy speed-up against it {_num(t['speedup_vs_baseline'], '.2f')}x",
+                      highlight=False)
     console.print(f"identical {_num(t['identical_rate'], '.0%')}; identical or a near tie "
                   f"(gap < {NEAR_TIE_GAP:g}) {_num(t['near_tie_rate'], '.0%')}", highlight=False)

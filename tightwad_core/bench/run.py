@@ -8,6 +8,13 @@ crosses the link once, the proxy once per speculation round. Each prompt is
 tokenized once with the target's chat template, and both sides get the same
 token ids, greedy. Runs alternate direct/proxy and which of the two goes
 first, so drift on the machine hits both alike.
+
+With ``baseline`` (a backend name, such as ``"llama-server"``) that server
+is launched on the target's own GGUF (one slot, the target's context and threads, behind its
+own link when there is one) and timed as a third side in the same rotation:
+the thing a user would run instead. Every side caches prompts the same way
+(each keeps the previous request's KV cache and re-evaluates only what
+changed), and each gets the same untimed warm-up.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from tightwad_core.bench.report import (
     divergence_index,
     make_row,
 )
-from tightwad_core.config.profiles import ConfigError, Profile, secret
+from tightwad_core.config.profiles import BackendConfig, ConfigError, Profile, secret
 from tightwad_core.http.server import Running, serve_profile
 from tightwad_core.plugins import Registry, load_registry
 from tightwad_core.roles import BackendContext, TokenBackend
@@ -69,11 +76,13 @@ class _Sides:
     backend each, both through the link), and a client for the proxy."""
 
     def __init__(self, direct: TokenBackend, vocab: Vocab, running: Running,
-                 proxy: httpx.AsyncClient) -> None:
+                 proxy: httpx.AsyncClient, baseline: TokenBackend | None = None) -> None:
         self.target = direct
         self.vocab = vocab
         self.running = running
         self.proxy_client = proxy
+        self.baseline = baseline
+        self.baseline_is_direct = False  # the target is the baseline server itself
 
     async def prompt_ids(self, prompt: str) -> list[int]:
         templated = await self.target.apply_template([{"role": "user", "content": prompt}])
@@ -82,10 +91,11 @@ class _Sides:
     def decode(self, ids: list[int]) -> str:
         return self.vocab.decode(ids).decode("utf-8", "replace")
 
-    async def direct(self, ids: list[int], n: int) -> DirectRun:
-        """The target alone, greedy; timed on the client side."""
+    async def direct(self, ids: list[int], n: int, *, baseline: bool = False) -> DirectRun:
+        """The target alone (or the baseline server), greedy; timed on the client side."""
+        backend = self.baseline if baseline and self.baseline is not None else self.target
         t0 = time.perf_counter()
-        run = await self.target.complete_ids(ids, n)
+        run = await backend.complete_ids(ids, n)
         seconds = time.perf_counter() - t0
         text = self.decode(run.tokens) if run.tokens is not None else run.text
         return DirectRun(seconds, text, run.count, run.tokens)
@@ -129,17 +139,28 @@ async def _measure(sides: _Sides, item: dict[str, str], n: int, repeat: int, tur
     ids = await sides.prompt_ids(item["prompt"])
     directs: list[DirectRun] = []
     proxies: list[ProxyRun] = []
+    bases: list[DirectRun] = []
     diverged: Divergence | None = None
+    async def run_direct() -> None:
+        directs.append(await sides.direct(ids, n))
+
+    async def run_proxy() -> None:
+        proxies.append(await sides.proxy(ids, n))
+
+    async def run_base() -> None:
+        bases.append(await sides.direct(ids, n, baseline=True))
+
+    order = [run_direct, run_proxy] + ([run_base] if sides.baseline is not None else [])
     for r in range(repeat):
-        if (turn + r) % 2 == 0:
-            directs.append(await sides.direct(ids, n))
-            proxies.append(await sides.proxy(ids, n))
-        else:
-            proxies.append(await sides.proxy(ids, n))
-            directs.append(await sides.direct(ids, n))
+        shift = (turn + r) % len(order)  # which side goes first rotates
+        for run_side in order[shift:] + order[:shift]:
+            await run_side()
         if diverged is None and proxies[-1].text != directs[-1].text:
             diverged = await sides.divergence(ids, n, directs[-1], proxies[-1].text)
-    return make_row(item["prompt"], item.get("category") or None, directs, proxies, diverged)
+    if sides.baseline_is_direct:
+        bases = directs
+    return make_row(item["prompt"], item.get("category") or None, directs, proxies, diverged,
+                    bases or None)
 
 
 def _normalise(prompts: Sequence[str | dict[str, str]]) -> list[dict[str, str]]:
@@ -167,6 +188,7 @@ async def run_bench(
     progress: ProgressFn | None = None,
     run_dir: Path | None = None,
     registry: Registry | None = None,
+    baseline: str | None = None,
 ) -> dict[str, Any]:
     """Start the target, the link (if any) and the proxy, measure every prompt,
     shut everything down, and return the report (see docs/benchmarks.md)."""
@@ -180,6 +202,15 @@ async def run_bench(
     if draft_tokens is not None and not 0 <= draft_tokens <= 64:
         raise BenchError(f"draft tokens must be from 0 to 64, not {draft_tokens}")
     assert profile.target is not None and profile.draft is not None
+    if baseline is not None:
+        try:
+            registry.backend(baseline)
+        except KeyError as exc:
+            raise BenchError(f"--baseline: {exc.args[0]}") from None
+        if profile.target.model_path is None:
+            raise BenchError(f"--baseline {baseline} starts it on the target's GGUF, but profile "
+                             f"{profile_name!r} reaches its target by URL: give the target a "
+                             "model_path")
     own_dir = run_dir is None  # removed again after a clean run; kept (with the logs) after a failure
     run_dir = run_dir or Path(tempfile.mkdtemp(prefix="tightwad-bench-"))
     tcfg = profile.target
@@ -222,6 +253,35 @@ async def run_bench(
             direct = factory(reached, BackendContext(role="target", config_dir=config_dir, run_dir=run_dir))
             assert isinstance(direct, TokenBackend)
             await nursery.start(direct.serve)
+            base: TokenBackend | None = None
+            extra: list[TokenBackend] = []  # closed at the end
+            if baseline is not None and tcfg.backend == baseline:
+                base = direct  # the direct side already is the baseline
+            elif baseline is not None:
+                bcfg = BackendConfig(backend=baseline, model_path=tcfg.model_path,
+                                     ctx_size=tcfg.ctx_size, parallel=1, threads=tcfg.threads,
+                                     request_timeout=tcfg.request_timeout)
+                launched = registry.backend(baseline)(bcfg, BackendContext(
+                    role="baseline", config_dir=config_dir, run_dir=run_dir))
+                if not isinstance(launched, TokenBackend) or "tokens" not in launched.capabilities:
+                    raise BenchError(f"--baseline {baseline}: the bench sends it token ids, which "
+                                     "that backend cannot take")
+                await nursery.start(launched.serve)
+                base = launched
+                extra.append(launched)
+                if link is not None and (link.delay > 0 or link.bandwidth is not None):
+                    parts = urlsplit((await launched.health()).url or "")
+                    handle = await nursery.start(partial(
+                        serve_link, "127.0.0.1", 0, parts.hostname or "127.0.0.1",
+                        parts.port or 80, link))
+                    linked = registry.backend(baseline)(
+                        msgspec.structs.replace(bcfg, model_path=None,
+                                                url=f"http://127.0.0.1:{handle.port}"),
+                        BackendContext(role="baseline", config_dir=config_dir, run_dir=run_dir))
+                    assert isinstance(linked, TokenBackend)
+                    await nursery.start(linked.serve)
+                    base = linked
+                    extra.append(base)
             vocab = await target.vocab()
             if vocab is None:
                 raise BenchError(f"profile {profile_name!r}: the bench needs the target's vocabulary "
@@ -239,13 +299,20 @@ async def run_bench(
                 "verifier_label": verifier.get("label"),
                 "target": _describe(tcfg),
                 "draft": _describe(profile.draft),
+                "baseline": None if baseline is None else (
+                    f"{baseline} (the direct side)" if base is direct
+                    else f"{baseline} {tcfg.model_path}"),
             }
             headers = {"authorization": f"Bearer {key}"} if key else {}
             async with httpx.AsyncClient(base_url=running.url, timeout=timeout, headers=headers) as pc:
-                sides = _Sides(direct, vocab, running, pc)
+                sides = _Sides(direct, vocab, running, pc,
+                               None if base is None or base is direct else base)
+                sides.baseline_is_direct = base is direct
                 ids = await sides.prompt_ids(items[0]["prompt"])
                 await sides.direct(ids, min(max_tokens, WARMUP_TOKENS))  # untimed warm-up, each way
                 await sides.proxy(ids, min(max_tokens, WARMUP_TOKENS))
+                if sides.baseline is not None:
+                    await sides.direct(ids, min(max_tokens, WARMUP_TOKENS), baseline=True)
                 if progress is not None:
                     progress(0, len(items), build_report(profile_name, config, rows, complete=False))
                 for i, item in enumerate(items):
@@ -254,6 +321,8 @@ async def run_bench(
                         progress(i + 1, len(items), build_report(
                             profile_name, config, rows, complete=i + 1 == len(items)))
             await direct.aclose()
+            for b in reversed(extra):
+                await b.aclose()
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):

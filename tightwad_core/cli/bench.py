@@ -31,7 +31,7 @@ def _load(config: Path | None, profile: str | None) -> tuple[str, Any, Path]:
 
 async def _bench(name: str, prof: Any, config_dir: Path, prompts: list[dict[str, str]], max_tokens: int,
                  draft_tokens: int | None, link: LinkSpec | None, repeat: int,
-                 progress: Any) -> tuple[dict[str, Any] | None, bool]:
+                 progress: Any, baseline: str | None = None) -> tuple[dict[str, Any] | None, bool]:
     """Run the bench until done or Ctrl-C; returns (report so far, interrupted)."""
     import trio
 
@@ -57,7 +57,7 @@ async def _bench(name: str, prof: Any, config_dir: Path, prompts: list[dict[str,
             nursery.start_soon(watch)
             report = await run_bench(name, prof, config_dir=config_dir, prompts=prompts,
                                      max_tokens=max_tokens, draft_tokens=draft_tokens, link=link,
-                                     repeat=repeat, progress=step)
+                                     repeat=repeat, progress=step, baseline=baseline)
             last["report"] = report
             nursery.cancel_scope.cancel()
     return last.get("report"), interrupted
@@ -85,12 +85,17 @@ async def _bench(name: str, prof: Any, config_dir: Path, prompts: list[dict[str,
               help="...and this bandwidth per direction: 100mbit, 1gbit, 10MB.")
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="Run each prompt N times and report medians.")
+@click.option("--baseline", default=None, metavar="BACKEND",
+              help="Also time this backend launched alone on the target's GGUF, e.g. "
+                   "llama-server (the server you would run instead), as a third side: the "
+                   "report gives both ratios.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               metavar="FILE",
               help="Also write the report to this JSON file.")
 def bench(config: Path | None, profile: str | None, prompts_file: Path | None, limit: int | None,
           max_tokens: int, draft_tokens: int | None, link_delay: float | None,
-          link_bandwidth: float | None, repeat: int, json_file: Path | None) -> None:
+          link_bandwidth: float | None, repeat: int, baseline: str | None,
+          json_file: Path | None) -> None:
     """Measure a speculative profile against its own target, prompt by prompt.
 
     Starts the profile's target on its own, then the proxy in front of it
@@ -98,8 +103,10 @@ def bench(config: Path | None, profile: str | None, prompts_file: Path | None, l
     alternating which side goes first. Prints wall times, speed-up,
     acceptance, tokens per round and whether the proxy's answer was the
     target's own. With --link-delay/--link-bandwidth both sides reach the
-    target through an emulated network link. Ctrl-C stops early and prints
-    what was measured.
+    target through an emulated network link. With --baseline llama-server a
+    stock llama-server on the target's GGUF is timed too, so a worker target
+    is compared both with itself alone and with the server users run
+    instead. Ctrl-C stops early and prints what was measured.
     """
     import trio
     from rich.console import Console
@@ -137,7 +144,7 @@ def bench(config: Path | None, profile: str | None, prompts_file: Path | None, l
     try:
         with progress:
             report, interrupted = trio.run(partial(_bench, name, prof, config_dir, prompts, max_tokens,
-                                                   draft_tokens, link, repeat, progress))
+                                                   draft_tokens, link, repeat, progress, baseline))
     except BaseException as exc:  # noqa: BLE001 - mapped to one clear line below
         leaf = _leaf(exc)
         if isinstance(leaf, (ConfigError, BenchError)):

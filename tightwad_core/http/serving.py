@@ -58,7 +58,9 @@ def guard(app: QuartTrio, *, api_key: str | None, max_body_bytes: int,
 
     @app.errorhandler(TightwadError)
     async def _ours(exc: TightwadError) -> Response:
-        return render(exc)
+        resp = render(exc)
+        resp.headers.update(exc.headers())
+        return resp
 
     @app.errorhandler(HTTPException)
     async def _http(exc: HTTPException) -> Response:

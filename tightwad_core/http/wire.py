@@ -76,11 +76,17 @@ def raise_for_status(resp: httpx.Response, body: bytes, where: str, role: str = 
     if resp.status_code == 400 and (too_long := overflow(err, role)) is not None:
         raise too_long
     msg = f"{where} answered {resp.status_code}: {err.get('message') or err}"
+    exc: BackendError | BadRequest
     if resp.status_code in (400, 404, 413, 422):
-        raise BadRequest(msg, code="upstream_rejected")
-    if resp.status_code == 503:
-        raise BackendUnavailable(msg)
-    raise BackendError(msg)
+        exc = BadRequest(msg, code="upstream_rejected")
+    elif resp.status_code == 503:
+        after = resp.headers.get("retry-after", "")
+        exc = BackendUnavailable(msg, retry_after=int(after) if after.isdigit() else None)
+    else:
+        exc = BackendError(msg)
+    code = err.get("code")
+    exc.upstream_code = code if isinstance(code, str) else None
+    raise exc
 
 
 def _usage(data: dict[str, Any] | None) -> Usage | None:

@@ -24,12 +24,12 @@ from pathlib import Path
 
 from tightwad_core.runtime import catalog
 from tightwad_core.runtime.catalog import LLAMA_CPP_PYTHON_VERSION as VERSION
-from tightwad_core.runtime.engine import LIBRARIES, lib_dir
+from tightwad_core.runtime.engine import GPU_LIBRARY, LIBRARIES, lib_dir
 from tightwad_core.runtime.sources import ensure_sdist
 from tightwad_core.runtime.steps import CHUNK, SetupError, Steps, installed, run_logged
 
 #: What the binding may load: llama.cpp and ggml, and mtmd for its multimodal chat handlers.
-BINDING_LIBRARIES = frozenset(LIBRARIES) | {"mtmd"}
+BINDING_LIBRARIES = frozenset(LIBRARIES) | {"mtmd"} | frozenset(GPU_LIBRARY.values())
 
 
 def wheels_dir() -> Path:

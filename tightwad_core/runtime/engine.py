@@ -50,14 +50,66 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def cmake_flags(flags: set[str] | None = None, machine: str | None = None) -> dict[str, str]:
+#: GPU backends: the CMake switch that builds each, and the library it adds.
+GPU_FLAGS = {"cuda": {"GGML_CUDA": "ON"}, "rocm": {"GGML_HIP": "ON"},
+             "metal": {"GGML_METAL": "ON"}, "vulkan": {"GGML_VULKAN": "ON"}}
+GPU_LIBRARY = {"cuda": "ggml-cuda", "rocm": "ggml-hip", "metal": "ggml-metal",
+               "vulkan": "ggml-vulkan"}
+GPU_CHOICES = ("auto", "cpu", *GPU_FLAGS)
+
+
+def _lists_gpu(argv: list[str], marker: str) -> bool:
+    try:
+        res = subprocess.run(argv, capture_output=True, timeout=20, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return res.returncode == 0 and marker in res.stdout.decode("utf-8", "replace")
+
+
+def detect_gpu(choice: str | None = None, *, system: str | None = None,
+               machine: str | None = None) -> tuple[str, str]:
+    """The backend to build (``cpu``, ``cuda``, ``rocm``, ``metal`` or ``vulkan``)
+    and why. ``choice`` (default: ``$TIGHTWAD_GPU``, else ``auto``) forces one;
+    ``auto`` looks for a GPU through the vendor's own tools: a GPU listed by
+    ``nvidia-smi -L`` (and ``nvcc`` to compile for it), a ``gfx`` agent in
+    ``rocminfo`` (and ``hipcc``), or Apple silicon. A compiler alone, without
+    a GPU the driver lists, builds for the CPU."""
+    choice = (choice or os.environ.get("TIGHTWAD_GPU") or "auto").strip().lower()
+    if choice not in GPU_CHOICES:
+        raise SetupError(f"TIGHTWAD_GPU={choice!r} is not one of {', '.join(GPU_CHOICES)}")
+    if choice != "auto":
+        return choice, "chosen with TIGHTWAD_GPU"
+    system, machine = system or platform.system(), (machine or platform.machine()).lower()
+    if system == "Darwin" and machine in ("arm64", "aarch64"):
+        return "metal", "Apple silicon"
+    if shutil.which("nvidia-smi") and _lists_gpu(["nvidia-smi", "-L"], "GPU "):
+        if shutil.which("nvcc"):
+            return "cuda", "nvidia-smi lists a GPU and nvcc is installed"
+        return "cpu", ("nvidia-smi lists a GPU but nvcc (the CUDA toolkit) is missing: install it "
+                       "and run setup again to build for the GPU")
+    if shutil.which("rocminfo") and _lists_gpu(["rocminfo"], "gfx"):
+        if shutil.which("hipcc"):
+            return "rocm", "rocminfo lists a gfx GPU and hipcc is installed"
+        return "cpu", "rocminfo lists a GPU but hipcc (ROCm's HIP compiler) is missing"
+    return "cpu", "no GPU found (nvidia-smi, rocminfo)"
+
+
+def cmake_flags(flags: set[str] | None = None, machine: str | None = None,
+                gpu: str = "cpu") -> dict[str, str]:
     """The configure flags for this machine (``flags``: its CPU features,
-    ``machine``: its architecture; both default to this machine's)."""
+    ``machine``: its architecture; both default to this machine's; ``gpu``:
+    the GPU backend from `detect_gpu`)."""
     out = dict(BASE_FLAGS)
     arch = (machine or platform.machine()).lower()
     if arch in ("x86_64", "amd64") and "amx_tile" in (cpu_flags() if flags is None else flags):
         out["CMAKE_C_FLAGS"] = out["CMAKE_CXX_FLAGS"] = NO_AMX
+    out.update(GPU_FLAGS.get(gpu, {}))
     return out
+
+
+def libraries(gpu: str = "cpu") -> tuple[str, ...]:
+    """The libraries an engine built for ``gpu`` has (and the binding loads)."""
+    return LIBRARIES + ((GPU_LIBRARY[gpu],) if gpu in GPU_LIBRARY else ())
 
 
 def lib_dir() -> Path:
@@ -89,8 +141,8 @@ def binary_ok(name: str, path: Path) -> bool:
     return res.returncode in (0, 1) and b"usage" in (res.stdout + res.stderr).lower()
 
 
-def libraries_present() -> bool:
-    return all((lib_dir() / f"lib{n}.so").is_file() for n in LIBRARIES)
+def libraries_present(gpu: str = "cpu") -> bool:
+    return all((lib_dir() / f"lib{n}.so").is_file() for n in libraries(gpu))
 
 
 def _stamp() -> Path:
@@ -124,9 +176,11 @@ def ensure_engine(steps: Steps, jobs: int) -> dict[str, str]:
     eng = catalog.engine_dir()
     paths = {n: catalog.engine_binary(n) for n in BINARIES}
     task = steps.start(f"llama.cpp {VERSION} (shared libraries and binaries)", unit="steps")
-    wanted = cmake_flags()
-    if built_with(wanted) and libraries_present() and all(binary_ok(n, p) for n, p in paths.items()):
-        steps.finish(task, f"engine: cached in {eng / 'bin'}", worked=False)
+    gpu, why = detect_gpu()
+    wanted = cmake_flags(gpu=gpu)
+    if (built_with(wanted) and libraries_present(gpu)
+            and all(binary_ok(n, p) for n, p in paths.items())):
+        steps.finish(task, f"engine ({gpu}: {why}): cached in {eng / 'bin'}", worked=False)
         return {n: str(p) for n, p in paths.items()}
     t0 = time.monotonic()
     steps.update(task, description="extracting llama.cpp sources")
@@ -152,7 +206,7 @@ def ensure_engine(steps: Steps, jobs: int) -> dict[str, str]:
 
     steps.update(task, description=f"building llama.cpp (-j{jobs})")
     run_logged(["cmake", "--build", str(build), "-j", str(jobs), "--target", "llama-server", rpc,
-                "llama-quantize", *LIBRARIES], log, "building llama.cpp", poll=poll)
+                "llama-quantize", *libraries(gpu)], log, "building llama.cpp", poll=poll)
     out = eng / "bin"
     out.mkdir(parents=True, exist_ok=True)
     libs = sorted(p for p in (build / "bin").glob("lib*.so*") if p.is_file())
@@ -169,11 +223,11 @@ def ensure_engine(steps: Steps, jobs: int) -> dict[str, str]:
         dst.chmod(0o755)
         if not binary_ok(name, dst):
             raise SetupError(f"{dst} does not run (try `{dst} --version`)")
-    if not libraries_present():
-        missing = [n for n in LIBRARIES if not (out / f"lib{n}.so").is_file()]
+    if not libraries_present(gpu):
+        missing = [n for n in libraries(gpu) if not (out / f"lib{n}.so").is_file()]
         raise SetupError(f"the llama.cpp build did not produce lib{', lib'.join(missing)}.so "
                          f"[full log: {log}]")
     _stamp().write_text(json.dumps(wanted, indent=1) + "\n")
-    steps.finish(task, f"engine: built and installed into {out} "
+    steps.finish(task, f"engine ({gpu}: {why}): built and installed into {out} "
                        f"in {time.monotonic() - t0:.0f}s", worked=True)
     return {n: str(p) for n, p in paths.items()}

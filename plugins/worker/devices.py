@@ -1,0 +1,98 @@
+"""The compute devices llama.cpp's backends offer (ggml's device registry),
+read through ctypes from the same libraries the binding loaded.
+
+A worker built for CPU lists ``CPU`` alone; a CUDA, ROCm, Metal or Vulkan
+build adds its GPUs (``CUDA0``, ``ROCm0``, ``MTL0``, ``Vulkan0``, ...), and
+an RPC build lists the ``RPC[host:port]`` devices that were registered.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: ggml_backend_dev_type values (ggml-backend.h)
+KINDS = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
+OFFLOAD_KINDS = frozenset({"gpu", "igpu"})
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    description: str
+    kind: str  # cpu | gpu | igpu | accel | meta
+    free: int  # bytes of memory free on it now (0 when the backend does not say)
+    total: int
+    handle: int  # ggml_backend_dev_t
+
+    def line(self) -> str:
+        mem = f", {self.free / 2**30:.1f}/{self.total / 2**30:.1f} GiB free" if self.total else ""
+        return f"{self.name} ({self.kind}: {self.description}{mem})"
+
+
+_ggml: Any = None
+
+
+def _lib() -> Any:
+    """libggml (the device registry), from the directory the binding loaded libllama from."""
+    global _ggml
+    if _ggml is None:
+        import llama_cpp.llama_cpp as ll
+
+        here = Path(ll._lib._name).parent
+        lib = ctypes.CDLL(str(here / "libggml.so"), mode=ctypes.RTLD_GLOBAL)
+        lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+        lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+        lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+        for fn in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+            getattr(lib, fn).argtypes = [ctypes.c_void_p]
+            getattr(lib, fn).restype = ctypes.c_char_p
+        lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+        lib.ggml_backend_dev_type.restype = ctypes.c_int
+        lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                                ctypes.POINTER(ctypes.c_size_t)]
+        lib.ggml_backend_dev_memory.restype = None
+        _ggml = lib
+    return _ggml
+
+
+def list_devices() -> list[Device]:
+    """Every device llama.cpp can load onto now (call after llama_backend_init)."""
+    lib = _lib()
+    out = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        out.append(Device(
+            name=(lib.ggml_backend_dev_name(dev) or b"?").decode("utf-8", "replace"),
+            description=(lib.ggml_backend_dev_description(dev) or b"").decode("utf-8", "replace"),
+            kind=KINDS.get(lib.ggml_backend_dev_type(dev), "other"),
+            free=int(free.value), total=int(total.value), handle=int(dev)))
+    return out
+
+
+def pick(names: list[str] | None, available: list[Device]) -> list[Device]:
+    """The devices named (case-insensitive), in the order given; ``ValueError``
+    naming what exists when one is unknown. ``None``: every offload device."""
+    if names is None:
+        return [d for d in available if d.kind in OFFLOAD_KINDS]
+    by_name = {d.name.lower(): d for d in available}
+    chosen = []
+    for n in names:
+        d = by_name.get(n.strip().lower())
+        if d is None:
+            have = ", ".join(d.name for d in available) or "none"
+            raise ValueError(f"no device named {n!r}; this build of llama.cpp has: {have}")
+        if d not in chosen:
+            chosen.append(d)
+    return chosen
+
+
+def c_list(devices: list[Device]) -> Any:
+    """A NULL-terminated ``ggml_backend_dev_t`` array for llama_model_params.devices
+    (keep a reference to it until the model is loaded)."""
+    arr = (ctypes.c_void_p * (len(devices) + 1))(*[d.handle for d in devices], None)
+    return arr
