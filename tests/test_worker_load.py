@@ -101,6 +101,9 @@ async def test_eight_streamed_clients_share_two_sequences(nursery: trio.Nursery,
         check(i, text, finish, "concurrent")
     async with httpx.AsyncClient() as c:
         info = (await c.get(target.base_url + "/v1/tightwad/info")).json()
+    print(f"worker: queued {info['queued'] - before['queued']}, refused {info['refused']}, "
+          f"decodes {info['decodes'] - before['decodes']} of which batched "
+          f"{info['batched_decodes'] - before['batched_decodes']}")
     # some of the eight had to wait for a sequence; none was refused or evicted
     assert info["queued"] > before["queued"] and info["refused"] == 0
     assert info["sessions"] == 0  # every request's session was closed at its end

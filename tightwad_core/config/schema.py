@@ -22,7 +22,7 @@ class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     api_key: str | None = None  # bearer token for the upstream server
     api_key_env: str | None = None  # ...or the environment variable that holds it
     ctx_size: int = 4096  # context length of each slot of a launched server
-    parallel: int = 2  # slots of a launched llama-server (concurrent requests)
+    parallel: int = 2  # slots of a launched llama-server, sequences of a launched worker
     threads: int | None = None  # CPU threads of a launched server (default: the engine's)
     extra_args: list[str] = []  # further command-line arguments for a launched server
     startup_timeout: float = 180.0  # seconds to wait for a launched server to become healthy
