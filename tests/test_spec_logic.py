@@ -11,7 +11,7 @@ from tightwad_core.spec.emitter import Emitter
 
 # token i stands for these bytes; 9 and 10 split one UTF-8 character (é = c3 a9)
 PIECES = {1: b"Hel", 2: b"lo", 3: b" wor", 4: b"ld", 5: b"!", 6: b"\n", 7: b"EN", 8: b"D",
-          9: b"\xc3", 10: b"\xa9", 11: b"x"}
+          9: b"\xc3", 10: b"\xa9", 11: b"x", 12: b"D\xc3"}
 EOS = frozenset({0})
 
 
@@ -22,12 +22,15 @@ def run(rounds: list[list[int]], stop: tuple[str, ...] = (), max_tokens: int = 1
 
 @pytest.mark.parametrize("rounds,stop,max_tokens,text,finish,n", [
     ([[1, 2], [3, 4, 5]], (), 100, "Hello world!", None, 5),
-    ([[1, 2, 0, 3]], (), 100, "Hello", "stop", 2),                 # EOS ends it, not counted
+    ([[1, 2, 0, 3]], (), 100, "Hello", "stop", 3),                 # EOS ends it, counted as the engine does
     ([[1, 2, 3, 4]], (), 3, "Hello wor", "length", 3),             # exact max_tokens
     ([[1, 2], [3], [4, 5]], ("world",), 100, "Hello ", "stop", 4),  # stop across rounds
     ([[1, 2, 6, 7], [8, 11]], ("\nEND",), 100, "Hello", "stop", 5),
     ([[1, 2, 7], [11]], ("ENDX",), 100, "HelloENx", None, 4),      # held back, then released
     ([[11, 9], [10, 11]], (), 100, "xéx", None, 4),                 # UTF-8 never split
+    ([[1, 2, 7, 12]], ("END",), 100, "Hello", "stop", 4),           # the stop's last token ends
+    ([[1, 2, 7], [12, 10]], ("END",), 100, "Hello", "stop", 4),     # inside a character
+    ([[1, 2], [0]], (), 3, "Hello", "stop", 3),                     # EOS as the last allowed token
 ])
 def test_emitter(rounds, stop, max_tokens, text, finish, n):
     out, e = run(rounds, stop, max_tokens)

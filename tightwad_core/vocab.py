@@ -10,13 +10,47 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from struct import error as struct_error
 from typing import Any
 
 # llama.cpp token types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-#: Control tokens that end a turn in common chat templates.
+#: Tokens that end generation by their text, when llama.cpp itself cannot be
+#: asked (see `engine_eog`): turn ends of common chat templates, and the
+#: fill-in-the-middle pad / repository / file separators, which llama.cpp
+#: also treats as the end.
 EOG_TEXTS = frozenset({"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "</s>",
-                       "<end_of_turn>", "<|end_of_text|>", "<|eom_id|>", "<|return|>"})
+                       "<end_of_turn>", "<|end_of_text|>", "<|eom_id|>", "<|return|>",
+                       "<|call|>", "<EOT>", "<eos>", "<end_of_utterance>",
+                       "<|fim_pad|>", "<|repo_name|>", "<|fim_repo|>", "<|file_sep|>"})
+#: GGUF keys whose token ids end generation.
+EOG_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id", "tokenizer.ggml.fim_pad_token_id",
+            "tokenizer.ggml.fim_rep_token_id", "tokenizer.ggml.fim_sep_token_id")
+
+
+def engine_eog(path: str) -> frozenset[int] | None:
+    """The end-of-generation set exactly as llama.cpp computes it, from a
+    vocabulary-only load through the binding (the same engine the servers
+    run); None where the binding is not installed or cannot read the file."""
+    try:
+        import llama_cpp
+        from llama_cpp import _logger
+    except ImportError:
+        return None
+    _logger.set_verbose(False)
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(path.encode(), params)
+    if not model:
+        return None
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        n = int(llama_cpp.llama_vocab_n_tokens(vocab))
+        return frozenset(t for t in range(n) if llama_cpp.llama_vocab_is_eog(vocab, t))
+    finally:
+        llama_cpp.llama_model_free(model)
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -70,45 +104,97 @@ def fingerprint(texts: Sequence[str], types: Sequence[int]) -> str:
     return h.hexdigest()
 
 
-def _field(reader: Any, name: str) -> Any:
-    f = reader.fields.get(name)
-    if f is None:
-        return None
-    return f
+# GGUF value types (gguf spec): scalar struct formats, 8 = string, 9 = array
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
+            12: "d"}
+_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
+           10: "<u8", 11: "<i8", 12: "<f8"}
 
 
-def _scalar(reader: Any, name: str) -> int | None:
-    f = _field(reader, name)
-    if f is None:
-        return None
-    return int(f.parts[f.data[0]][0])
+def read_metadata(path: str) -> dict[str, Any]:
+    """A GGUF file's key/value metadata (strings decoded, arrays as lists),
+    read straight from the header: the tensors are never touched, so this
+    takes a fraction of a second where the gguf package's reader, which maps
+    every array element, takes seconds on a 150k-token vocabulary."""
+    import mmap
+    import struct
+
+    import numpy as np
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        version, = struct.unpack_from("<I", buf, 4)
+        if version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {version} is not supported")
+        n_kv, = struct.unpack_from("<Q", buf, 16)
+        pos = 24
+
+        def string() -> str:
+            nonlocal pos
+            n, = struct.unpack_from("<Q", buf, pos)
+            raw = buf[pos + 8:pos + 8 + n]
+            pos += 8 + n
+            return raw.decode("utf-8", "replace")
+
+        def value(kind: int) -> Any:
+            nonlocal pos
+            if kind == 8:
+                return string()
+            if kind == 9:
+                inner, count = struct.unpack_from("<IQ", buf, pos)
+                pos += 12
+                if inner in _DTYPES:
+                    arr = np.frombuffer(buf, dtype=_DTYPES[inner], count=count, offset=pos)
+                    pos += arr.nbytes
+                    return arr.tolist()
+                return [value(inner) for _ in range(count)]
+            fmt = _SCALARS.get(kind)
+            if fmt is None:
+                raise ValueError(f"{path}: unknown GGUF value type {kind}")
+            out, = struct.unpack_from("<" + fmt, buf, pos)
+            pos += struct.calcsize(fmt)
+            return out
+
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = string()
+            kind, = struct.unpack_from("<I", buf, pos)
+            pos += 4
+            meta[key] = value(kind)
+        return meta
+
+
+def _int(meta: dict[str, Any], key: str) -> int | None:
+    v = meta.get(key)
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 @lru_cache(maxsize=8)
 def _load(path: str, mtime: float, size: int) -> Vocab:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path, "r")
-    tok_field = _field(reader, "tokenizer.ggml.tokens")
-    if tok_field is None:
+    try:
+        meta = read_metadata(path)
+    except (OSError, ValueError, struct_error) as exc:
+        raise ValueError(f"{path}: cannot read its GGUF metadata: {exc}") from exc
+    texts = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(texts, list):
         raise ValueError(f"{path}: no tokenizer.ggml.tokens in this GGUF")
-    texts = [bytes(tok_field.parts[i]).decode("utf-8", "replace") for i in tok_field.data]
-    type_field = _field(reader, "tokenizer.ggml.token_type")
-    types = ([int(type_field.parts[i][0]) for i in type_field.data] if type_field is not None
-             else [NORMAL] * len(texts))
-    model_field = _field(reader, "tokenizer.ggml.model")
-    model = bytes(model_field.parts[model_field.data[0]]).decode() if model_field else "gpt2"
-    pieces = _pieces(texts, types, model)
-    eos = {i for i in (_scalar(reader, "tokenizer.ggml.eos_token_id"),
-                       _scalar(reader, "tokenizer.ggml.eot_token_id"),
-                       _scalar(reader, "tokenizer.ggml.eom_token_id")) if i is not None}
-    eos |= {i for i, (t, ty) in enumerate(zip(texts, types)) if ty == CONTROL and t in EOG_TEXTS}
+    types = meta.get("tokenizer.ggml.token_type")
+    if not isinstance(types, list) or len(types) != len(texts):
+        types = [NORMAL] * len(texts)
+    model = meta.get("tokenizer.ggml.model") or "gpt2"
+    pieces = _pieces(texts, types, str(model))
+    eos = set(engine_eog(path) or ())
+    if not eos:  # no engine to ask: the GGUF's own ids, and the known texts
+        eos = {i for i in (_int(meta, k) for k in EOG_KEYS)
+               if i is not None and 0 <= i < len(texts)}
+        eos |= {i for i, t in enumerate(texts) if t in EOG_TEXTS}
     specials = tuple(t.encode() if ty in (CONTROL, USER_DEFINED) else p
                      for p, t, ty in zip(pieces, texts, types))
-    add_bos = reader.fields.get("tokenizer.ggml.add_bos_token")
-    return Vocab(tuple(pieces), frozenset(eos), _scalar(reader, "tokenizer.ggml.bos_token_id"),
+    add_bos = meta.get("tokenizer.ggml.add_bos_token")
+    return Vocab(tuple(pieces), frozenset(eos), _int(meta, "tokenizer.ggml.bos_token_id"),
                  fingerprint(texts, types), specials,
-                 bool(add_bos.parts[add_bos.data[0]][0]) if add_bos is not None else True)
+                 bool(add_bos) if add_bos is not None else True)
 
 
 def _pieces(texts: list[str], types: list[int], model: str) -> list[bytes]:

@@ -159,7 +159,9 @@ class LlamaServerBackend(OpenAIHTTPBackend):
         text = vocab.decode(out).decode("utf-8", "replace") if vocab is not None else str(data.get("content", ""))
         found = (align_gaps(out, data.get("completion_probabilities") or [], vocab.piece)
                  if gaps and vocab is not None else None)
-        return TokenRun(text=text, count=len(out), tokens=out, gaps=found)
+        # the server's own count (end-of-generation included), as a client of it sees
+        count = int(data.get("tokens_predicted") or len(out))
+        return TokenRun(text=text, count=count, tokens=out, gaps=found)
 
 
 @hookimpl

@@ -18,7 +18,9 @@ class Emitter:
         self.eos = eos
         self.stop = tuple(s for s in stop if s)
         self.max_tokens = max_tokens
-        self.n = 0  # tokens taken into the answer (what `usage.completion_tokens` reports)
+        # tokens generated, the end-of-generation token included, as llama.cpp's
+        # servers count them (what `usage.completion_tokens` reports)
+        self.n = 0
         self.finish: str | None = None
         self.tokens: list[int] = []
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -31,17 +33,20 @@ class Emitter:
         for tok in tokens:
             if self.finish is not None:
                 break
+            self.n += 1
             if tok in self.eos:
                 self.finish = "stop"
                 break
-            self.n += 1
             self.tokens.append(tok)
             self._pending += self._decoder.decode(self.piece(tok))
             if self.stop:
                 cut = self._find_stop()
                 if cut is not None:
                     out.append(self._pending[:cut])
+                    # what follows the stop string is dropped, including bytes of a
+                    # character its last token began: no U+FFFD for them
                     self._pending = ""
+                    self._decoder.reset()
                     self.finish = "stop"
                     break
             if self.n >= self.max_tokens:
