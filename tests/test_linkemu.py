@@ -347,3 +347,10 @@ async def test_cli_relays_until_ctrl_c(nursery: trio.Nursery) -> None:
                 await proc.wait()
         await proc.stdout.aclose()
     assert b"link closed: 1 connection(s)" in out and b"Traceback" not in out
+
+
+def test_cli_refuses_to_be_an_open_relay() -> None:
+    """Beyond loopback the link would relay anyone to the target: refused without --allow-remote."""
+    result = CliRunner().invoke(link, ["--to", "127.0.0.1:9", "--listen", "0.0.0.0:0"])
+    assert result.exit_code == 2 and "--allow-remote" in result.output
+    assert "Traceback" not in result.output

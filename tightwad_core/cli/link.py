@@ -12,6 +12,7 @@ import trio
 
 from tightwad_core.bench.link import LinkSpec, parse_bandwidth, parse_delay, serve_link
 from tightwad_core.cli.main import _leaf, main
+from tightwad_core.config.profiles import is_loopback
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -70,8 +71,11 @@ async def _run(listen: tuple[str, int], target: tuple[str, int], spec: LinkSpec)
 @click.option("--bandwidth", default=None, metavar="RATE", callback=checked(parse_bandwidth),
               help="Cap per direction: 500kbit, 100mbit, 1gbit (bits/s) or 10MB, 512KiB "
                    "(bytes/s). Default: unlimited.")
+@click.option("--allow-remote", is_flag=True,
+              help="Allow --listen beyond loopback. The link has no authentication: anyone who "
+                   "reaches it reaches --to through it.")
 def link(listen: tuple[str, int], target: tuple[str, int], delay: float,
-         bandwidth: float | None) -> None:
+         bandwidth: float | None, allow_remote: bool) -> None:
     """Emulate a slow network link between the proxy and a model server, for benchmarks.
 
     Listens on --listen and relays every TCP connection to --to, delaying the
@@ -84,6 +88,11 @@ def link(listen: tuple[str, int], target: tuple[str, int], delay: float,
     Example:
       tightwad link --listen 127.0.0.1:9000 --to 127.0.0.1:8080 --delay 10ms --bandwidth 100mbit
     """
+    if not is_loopback(listen[0]) and not allow_remote:
+        click.echo(f"error: --listen {listen[0]} is beyond loopback, and the link relays anyone "
+                   f"who connects to {target[0]}:{target[1]} without authentication; pass "
+                   "--allow-remote if that is what you want", err=True)
+        sys.exit(2)
     spec = LinkSpec(delay, bandwidth)
     try:
         trio.run(_run, listen, target, spec)
