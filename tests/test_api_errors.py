@@ -101,3 +101,46 @@ async def test_bearer_token_required(nursery, tmp_path, tiny_server):
                               headers={"authorization": "Bearer s3cret"})
         assert r.status_code == 200
     running.shutdown.set()
+
+
+async def test_a_web_page_cannot_use_the_proxy(nursery, tmp_path, tiny_server):
+    """DNS rebinding (a foreign Host), a cross-site page (a foreign Origin) and a
+    JSON body disguised as text/plain are refused on an open loopback proxy;
+    an allowed origin gets its preflight and CORS headers."""
+    running = await start_proxy(nursery, relay_profile(
+        tiny_server.url, allowed_origins=["http://localhost:3000"]), tmp_path)
+    body = {"messages": MSG, "max_tokens": 2}
+    async with httpx.AsyncClient(base_url=running.url) as client:
+        r = await client.post(CHAT, json=body, headers={"host": "attacker.example"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+        r = await client.post(CHAT, json=body, headers={"origin": "http://attacker.example"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+        r = await client.options(CHAT, headers={"origin": "http://attacker.example",
+                                                "access-control-request-method": "POST"})
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+        r = await client.post(CHAT, content=json.dumps(body), headers={"content-type": "text/plain"})
+        assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+        r = await client.post(CHAT, content=json.dumps(body), headers={
+            "content-type": "application/x-www-form-urlencoded", "sec-fetch-site": "cross-site"})
+        assert r.status_code == 415
+        # the Ollama routes answer the same refusal in Ollama's shape
+        r = await client.post("/api/chat", json={"model": "x", "messages": MSG},
+                              headers={"host": "rebind.attacker.example:8088"})
+        assert r.status_code == 403 and "Host" in r.json()["error"]
+
+        # what real clients send still works: loopback names, curl's -d default, JSON
+        for host in ("localhost", "127.0.0.1", "[::1]:8088", running.url.split("//")[1]):
+            r = await client.post(CHAT, json=body, headers={"host": host})
+            assert r.status_code == 200, (host, r.text)
+        r = await client.post(CHAT, content=json.dumps(body),
+                              headers={"content-type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 200, r.text
+        # an allowed page: preflight answered, then the request, with CORS headers
+        page = "http://localhost:3000"
+        r = await client.options(CHAT, headers={"origin": page, "access-control-request-method": "POST",
+                                                "access-control-request-headers": "content-type"})
+        assert r.status_code == 204 and r.headers["access-control-allow-origin"] == page
+        assert "POST" in r.headers["access-control-allow-methods"]
+        r = await client.post(CHAT, json=body, headers={"origin": page})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+    running.shutdown.set()

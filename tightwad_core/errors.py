@@ -7,8 +7,10 @@ Hierarchy::
     │   ├── UnsupportedParam   400 invalid_request_error (param named)
     │   └── ContextOverflow    400 invalid_request_error, code context_length_exceeded
     ├── Unauthorized           401 authentication_error
+    ├── Forbidden              403 permission_error (a Host or Origin not allowed)
     ├── NotFound               404 not_found_error (unknown model or route)
     ├── PayloadTooLarge        413 invalid_request_error
+    ├── UnsupportedMediaType   415 invalid_request_error (a body that is not JSON)
     └── BackendError           502 backend_error (upstream answered badly)
         └── BackendUnavailable 503 backend_unavailable (upstream down)
 """
@@ -73,6 +75,17 @@ class Unauthorized(TightwadError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class Forbidden(TightwadError):
+    status = 403
+    type = "permission_error"
+
+
+class UnsupportedMediaType(TightwadError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
 
 
 class NotFound(TightwadError):

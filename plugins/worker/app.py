@@ -11,7 +11,7 @@ from quart_trio import QuartTrio
 
 from tightwad_core.errors import BadRequest
 from tightwad_core.http.common import decode_body
-from tightwad_core.http.serving import guard, json_response
+from tightwad_core.http.serving import BrowserPolicy, guard, json_response
 from tightwad_plugins.worker.engine import Engine
 from tightwad_plugins.worker.protocol import (
     DetokenizeBody,
@@ -31,7 +31,7 @@ def engine() -> Engine:
 
 
 def create_worker_app(eng: Engine, api_key: str | None = None, max_body_bytes: int = 8 << 20,
-                      max_tokens_limit: int = 4096) -> QuartTrio:
+                      max_tokens_limit: int = 4096, bind_host: str = "127.0.0.1") -> QuartTrio:
     from tightwad_plugins.worker import api_plain
 
     app = QuartTrio("tightwad-worker")
@@ -39,7 +39,8 @@ def create_worker_app(eng: Engine, api_key: str | None = None, max_body_bytes: i
     app.config["WORKER_MAX_TOKENS"] = max_tokens_limit
     app.register_blueprint(api_plain.bp)
     guard(app, api_key=api_key, max_body_bytes=max_body_bytes,
-          render=lambda exc: json_response(exc.body(), exc.status))
+          render=lambda exc: json_response(exc.body(), exc.status),
+          browser=BrowserPolicy(bind_host=bind_host))
 
     # ------------------------------------------------------------ speculation
 

@@ -64,7 +64,7 @@ async def serve_worker(model: Path, host: str = "127.0.0.1", port: int = 8090, *
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(eng.run)
-            app = create_worker_app(eng, api_key, max_body_bytes, max_tokens_limit)
+            app = create_worker_app(eng, api_key, max_body_bytes, max_tokens_limit, host)
             async def http(task_status: trio.TaskStatus[list[str]]) -> None:
                 await serve_app(app, host, port, shutdown, task_status=task_status)
                 nursery.cancel_scope.cancel()

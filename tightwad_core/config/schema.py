@@ -49,6 +49,8 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     listen: str = "127.0.0.1:8088"  # host:port the proxy listens on
     api_key: str | None = None  # bearer token clients must send (required off loopback)
     api_key_env: str | None = None  # ...or the environment variable that holds it
+    allowed_hosts: list[str] = []  # Host names served without a token besides localhost and loopback addresses ("*": any)
+    allowed_origins: list[str] = []  # web-page origins (scheme://host:port) allowed to call the proxy from a browser ("*": any)
     served_model: str | None = None  # model name clients see (default: the target's)
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
     max_body_bytes: int = 1_048_576  # largest request body accepted

@@ -13,7 +13,7 @@ from quart_trio import QuartTrio
 from tightwad_core.errors import TightwadError
 from tightwad_core.http.common import ServerState
 from tightwad_core.http.metrics import Metrics
-from tightwad_core.http.serving import guard, json_response
+from tightwad_core.http.serving import BrowserPolicy, guard, json_response
 
 
 def _is_ollama() -> bool:
@@ -26,7 +26,7 @@ def error_response(exc: TightwadError) -> Response:
     return json_response(exc.body(), exc.status)
 
 
-def create_app(st: ServerState) -> QuartTrio:
+def create_app(st: ServerState, bind_host: str = "127.0.0.1") -> QuartTrio:
     from tightwad_core.http import ollama as api_ollama
     from tightwad_core.http import ollama_models  # noqa: F401  (its routes join the Ollama blueprint)
     from tightwad_core.http import openai as api_openai
@@ -44,7 +44,10 @@ def create_app(st: ServerState) -> QuartTrio:
     async def _clock() -> None:  # first, so refused requests are counted too
         request.tightwad_t0 = time.perf_counter()  # type: ignore[attr-defined]
 
-    guard(app, api_key=st.api_key, max_body_bytes=st.profile.max_body_bytes, render=error_response)
+    browser = BrowserPolicy(bind_host=bind_host, allowed_hosts=tuple(st.profile.allowed_hosts),
+                            allowed_origins=tuple(st.profile.allowed_origins))
+    guard(app, api_key=st.api_key, max_body_bytes=st.profile.max_body_bytes, render=error_response,
+          browser=browser)
 
     @app.after_request
     async def _count(response: Response) -> Response:

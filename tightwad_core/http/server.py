@@ -90,7 +90,7 @@ async def serve_profile(
             except ConfigError as exc:
                 raise ConfigError(f"profile {profile_name!r}: {exc}") from None
             state = ServerState(profile_name, profile, mode, backends, api_key)
-            app = create_app(state)
+            app = create_app(state, bind_host=host)
             async def http(task_status: trio.TaskStatus[list[str]]) -> None:
                 await serve_app(app, host, port, shutdown, task_status=task_status)
                 nursery.cancel_scope.cancel()  # drained: stop the backends too
