@@ -43,11 +43,15 @@ async def test_target_down_at_startup_then_up(nursery, tmp_path, tiny_model):
     async with httpx.AsyncClient(base_url=running.url) as client:
         h = await client.get("/health")
         assert h.status_code == 503 and h.json()["backends"]["target"]["ok"] is False
+        assert str(port) not in h.text  # the open health route names roles, not addresses
         for stream in (False, True):
             r = await client.post(CHAT, json={"messages": [{"role": "user", "content": "x"}],
                                               "max_tokens": 4, "stream": stream})
             assert r.status_code == 503, r.text
             assert r.json()["error"]["type"] == "backend_unavailable"
+            # what went wrong, by role; never the backend's address
+            assert str(port) not in r.text and "127.0.0.1" not in r.text
+            assert "target" in r.json()["error"]["message"]
         r = await client.post("/api/chat", json={"model": "x", "messages": [{"role": "user", "content": "x"}]})
         assert r.status_code in (404, 503) and "error" in r.json()
         # the target comes up later on that port: the proxy serves without a restart

@@ -7,7 +7,7 @@ import time
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from quart import Response, request
+from quart import Response, current_app, request
 from quart_trio import QuartTrio
 
 from tightwad_core.errors import TightwadError
@@ -16,11 +16,19 @@ from tightwad_core.http.metrics import Metrics
 from tightwad_core.http.serving import BrowserPolicy, guard, json_response
 
 
+log = logging.getLogger("tightwad.http")
+
+
 def _is_ollama() -> bool:
     return request.path.startswith("/api/")
 
 
 def error_response(exc: TightwadError) -> Response:
+    st = current_app.config.get("TIGHTWAD_STATE")
+    if st is not None:
+        if exc.status >= 500:
+            log.warning("%s %s: %s", request.method, request.path, exc.message)
+        exc = st.public(exc)
     if _is_ollama():
         return json_response({"error": exc.message}, exc.status)
     return json_response(exc.body(), exc.status)
@@ -62,7 +70,8 @@ def create_app(st: ServerState, bind_host: str = "127.0.0.1") -> QuartTrio:
         with trio.move_on_after(5):
             for role, backend in st.backends.items():
                 h = await backend.health()
-                checks[role] = {"ok": h.ok, "detail": h.detail, "backend": backend.kind}
+                checks[role] = {"ok": h.ok, "detail": st.scrub(h.detail or "") or h.detail,
+                                "backend": backend.kind}
         ok = bool(checks) and all(c["ok"] for c in checks.values())
         return json_response({"status": "ok" if ok else "degraded", "profile": st.profile_name,
                       "mode": st.mode.name, "backends": checks}, 200 if ok else 503)

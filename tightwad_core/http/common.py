@@ -63,6 +63,31 @@ class ServerState:
                 return self.profile.target.model if self.profile.target and self.profile.target.model else self.profile_name
         return self._served
 
+    def public(self, exc: TightwadError) -> TightwadError:
+        """``exc`` as a client may see it (see `scrub`; the log keeps the original)."""
+        exc.message = self.scrub(exc.message)
+        return exc
+
+    def scrub(self, text: str) -> str:
+        """``text`` with the backends' URLs and addresses replaced by their
+        roles and no configured token in it."""
+        from urllib.parse import urlsplit
+
+        from tightwad_core.config.profiles import secret
+
+        for role, backend in self.backends.items():
+            url = str(getattr(backend, "base_url", "") or "").rstrip("/")
+            if url:
+                text = text.replace(url, f"<{role}>").replace(urlsplit(url).netloc, f"<{role}>")
+            cfg = getattr(backend, "config", None)
+            if cfg is not None:
+                key = secret(cfg.api_key, cfg.api_key_env)
+                if key:
+                    text = text.replace(key, "<token>")
+        if self.api_key:
+            text = text.replace(self.api_key, "<token>")
+        return text
+
     async def check_model(self, requested: str | None) -> str:
         served = await self.served_model()
         if requested in (None, "", served):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from datetime import datetime, timezone
 from typing import Any
@@ -285,13 +285,15 @@ async def _answer(st: ServerState, req: GenRequest, model: str, stream: bool, fi
                                                      delta.usage, merge_deltas(calls) if calls else None))
                 delta = await anext(it, None)
         raise TightwadError("the answer ended without finishing")
-    resp = Response(_lines(model, field, first, it, clock), content_type="application/x-ndjson")
+    resp = Response(_lines(model, field, first, it, clock, st.public),
+                    content_type="application/x-ndjson")
     resp.timeout = None
     return resp
 
 
 async def _lines(model: str, field: str, first: Delta, it: AsyncGenerator[Delta, None],
-                 clock: _Clock) -> AsyncGenerator[bytes, None]:
+                 clock: _Clock, public: Callable[[TightwadError], TightwadError],
+                 ) -> AsyncGenerator[bytes, None]:
     calls: list[dict[str, Any]] = []
     async with aclosing(it):
         try:
@@ -314,4 +316,4 @@ async def _lines(model: str, field: str, first: Delta, it: AsyncGenerator[Delta,
                 delta = await anext(it, None)
         except TightwadError as exc:
             log.warning("ollama stream failed: %s", exc.message)
-            yield json_line({"error": exc.message}) + b"\n"
+            yield json_line({"error": public(exc).message}) + b"\n"

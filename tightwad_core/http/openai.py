@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -147,7 +147,7 @@ async def _handle(kind: Kind) -> Response:
     if req.tools:
         stream = tool_deltas(stream, fmt, allowed)
     first = await stream.__anext__()  # errors before any output are plain HTTP errors
-    resp = Response(_events(kind, rid, created, model, first, stream, include_usage),
+    resp = Response(_events(kind, rid, created, model, first, stream, include_usage, st.public),
                     content_type="text/event-stream")
     resp.timeout = None
     resp.headers["cache-control"] = "no-cache"
@@ -171,7 +171,8 @@ def _whole(kind: Kind, rid: str, created: int, model: str, r: Result) -> dict[st
 
 
 async def _events(kind: Kind, rid: str, created: int, model: str, first: Delta,
-                  stream: AsyncGenerator[Delta, None], include_usage: bool) -> AsyncGenerator[bytes, None]:
+                  stream: AsyncGenerator[Delta, None], include_usage: bool,
+                  public: Callable[[TightwadError], TightwadError]) -> AsyncGenerator[bytes, None]:
     chat = kind == "chat"
     obj = "chat.completion.chunk" if chat else "text_completion"
     head = {"id": rid, "object": obj, "created": created, "model": model}
@@ -206,7 +207,7 @@ async def _events(kind: Kind, rid: str, created: int, model: str, first: Delta,
                 delta = await anext(stream, None)
         except TightwadError as exc:
             log.warning("stream %s failed: %s", rid, exc.message)
-            yield _sse(exc.body())
+            yield _sse(public(exc).body())
         yield b"data: [DONE]\n\n"
 
 
