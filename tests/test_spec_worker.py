@@ -102,11 +102,15 @@ async def test_sampled_tokens_follow_the_target(nursery, tmp_path, pair):
     running.shutdown.set()
 
 
-async def test_fixed_seed_reproduces(nursery, tmp_path, pair):
-    running = await start_proxy(nursery, worker_profile(pair, "worker", 4), tmp_path)
+@pytest.mark.parametrize("drafter", ["llama-server", "worker"])
+async def test_fixed_seed_reproduces(nursery, tmp_path, pair, drafter):
+    running = await start_proxy(nursery, worker_profile(pair, "worker", 4, draft_backend=drafter),
+                                tmp_path)
     body = {"prompt": "once upon a time", "max_tokens": 30, "temperature": 0.9, "seed": 1234}
     async with httpx.AsyncClient(base_url=running.url, timeout=60) as c:
         a = (await c.post("/v1/completions", json=body)).json()["choices"][0]["text"]
+        # another request in between, with its own seed, must not shift this one's draws
+        await c.post("/v1/completions", json={**body, "seed": 7, "prompt": "the cat"})
         b = (await c.post("/v1/completions", json=body)).json()["choices"][0]["text"]
         other = (await c.post("/v1/completions", json={**body, "seed": 99})).json()["choices"][0]["text"]
     assert a == b

@@ -76,6 +76,9 @@ class WorkerDrafter:
 
     async def propose(self, context: list[int], k: int, sampling: SamplingParams) -> Proposal:
         t0 = time.perf_counter()
+        if sampling.seed is not None:  # a request's seed makes each round's draws reproducible
+            sampling = msgspec.structs.replace(
+                sampling, seed=(sampling.seed * 1_000_003 + len(context)) % (2**31 - 1))
         body = {"session": None, "past": 0, "tokens": context, "k": k, "keep": False,
                 "sampling": msgspec.to_builtins(sampling)}
         data = await post_json(self.backend.client, "/v1/tightwad/draft", body, self.backend.where)
