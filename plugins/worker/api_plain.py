@@ -83,10 +83,17 @@ def apply_template(eng: Engine, messages: list[dict[str, Any]],
         fmt = Jinja2ChatFormatter(template=eng.model.chat_template, eos_token=eos, bos_token=bos)
         eng.chat_formatter = fmt
     try:
-        return str(fmt(messages=template_messages(messages), tools=tools or None).prompt)
+        text = str(fmt(messages=template_messages(messages), tools=tools or None).prompt)
     except Exception as exc:  # template errors are the request's fault (raise_exception)
         raise BadRequest(f"the chat template failed on these messages: {exc}",
                          param="messages") from exc
+    # as llama-server does: a template that writes BOS leaves it to the tokenizer when the
+    # model adds one, so tokenizing the text with add_special gives one BOS, not two
+    v = eng.vocab
+    bos = v.special(v.bos).decode("utf-8", "replace") if v.bos is not None else ""
+    if v.add_bos and bos and text.startswith(bos):
+        text = text[len(bos):]
+    return text
 
 
 def _options(body: _Common, max_tokens: int | None, **kw: Any) -> GenOptions:
@@ -264,8 +271,6 @@ async def chat_completions() -> Response:
                                "/v1/completions with logprobs", param="logprobs")
     text = apply_template(eng, body.messages, body.tools)
     prompt = await eng.tokenize(text, True)
-    if eng.vocab.bos is not None and prompt[:2] == [eng.vocab.bos] * 2:
-        prompt = prompt[1:]  # the template wrote BOS and the tokenizer added another
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
     return await _respond(eng, True, prompt, _options(body, max_tokens), body)
