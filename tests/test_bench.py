@@ -162,7 +162,7 @@ async def test_a_divergence_is_located(pair: tuple[Path, Path], tmp_path: Path,
     async def mangled(self, ids, n):  # type: ignore[no-untyped-def]
         run = await real(self, ids, n)
         if n == MAX_TOKENS:  # the timed runs; the warm-up stays as it is
-            run.text = ""  # nothing in common: the answers part at the first token
+            run.text, run.ids = "", []  # nothing in common: the answers part at the first token
         return run
 
     monkeypatch.setattr(bench_mod._Sides, "proxy", mangled)
@@ -270,6 +270,33 @@ def test_cli_refuses_a_direct_profile(pair: tuple[Path, Path], tmp_path: Path) -
 
 
 # --------------------------------------------------------------------------- figures
+
+
+async def test_divergence_is_found_by_token_not_by_text() -> None:
+    """The target says " " then "1" (a near-tie at the first token), the proxy
+    " ten": by text the answers share " ", so the point would land on "1" and
+    report that token's clear margin; by token id it is the first token, with
+    its own small gap."""
+    from tightwad_core.bench.report import DirectRun, ProxyRun, first_difference
+    from tightwad_core.bench.run import _Sides
+    from tightwad_core.records import TokenRun
+    from tightwad_core.vocab import Vocab
+
+    pieces = (b" ", b"1", b" ten", b"0")
+    vocab = Vocab(pieces=pieces, eos=frozenset(), bos=None, fingerprint="x")
+
+    class Target:  # the target alone's greedy answer with its top-2 gaps
+        async def complete_ids(self, ids, n, *, gaps=False):  # type: ignore[no-untyped-def]
+            return TokenRun(text=" 10", count=3, tokens=[0, 1, 3], gaps=[0.085, 11.4, 3.0])
+
+    sides = _Sides(Target(), vocab, None, None)  # type: ignore[arg-type]
+    direct = DirectRun(1.0, " 10", 3, [0, 1, 3])
+    proxy = ProxyRun(1.0, " ten", 1, {}, [2])
+    assert divergence_index([0, 1, 3], proxy.text, vocab.piece) == 1  # what text alone says
+    assert first_difference([0, 1, 3], [2]) == 0
+    found = await sides.divergence([9], 3, direct, proxy)
+    assert found is not None and found.index == 0 and found.gap == pytest.approx(0.085)
+    assert first_difference([0, 1], [0, 1]) is None and first_difference([0, 1], [0]) == 1
 
 
 def test_divergence_index() -> None:

@@ -80,6 +80,7 @@ class SpeculativeMode:
         self.relay_only = factory is None or not isinstance(self.target, TokenBackend)
         self.rung = RELAY_RUNG if factory is None else factory.rung
         self.factory = factory
+        self._last_tokens: list[int] | None = None
         self.verifier: Verifier | None = None
         self.drafter: Drafter | None = None
         self.text: TargetTokenizer | None = None
@@ -167,6 +168,13 @@ class SpeculativeMode:
                     yield d
         finally:
             self.totals.add(stats)
+            if stats.tokens:
+                self._last_tokens = stats.tokens
+
+    def last_tokens(self) -> list[int] | None:
+        """The token ids of the last speculated answer (what `tightwad bench`
+        compares with the target's own, position by position); None before any."""
+        return self._last_tokens
 
     async def _relay(self, req: GenRequest) -> AsyncGenerator[Delta, None]:
         t0 = time.perf_counter()

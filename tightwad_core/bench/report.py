@@ -42,6 +42,7 @@ class ProxyRun:
     text: str
     tokens: int
     counters: dict[str, int]
+    ids: list[int] | None = None  # the answer's token ids, when the mode reports them
 
 
 @dataclass
@@ -78,6 +79,15 @@ def divergence_index(direct_ids: list[int], proxy_text: str, piece: Callable[[in
     if held_from is not None and not proxy_text.startswith(text):
         return held_from
     return len(direct_ids)
+
+
+def first_difference(direct_ids: list[int], proxy_ids: list[int]) -> int | None:
+    """Index of the first position where the two answers hold different tokens
+    (None when one is a prefix of the other and they are the same length)."""
+    for i, (a, b) in enumerate(zip(direct_ids, proxy_ids)):
+        if a != b:
+            return i
+    return None if len(direct_ids) == len(proxy_ids) else min(len(direct_ids), len(proxy_ids))
 
 
 def make_row(prompt: str, category: str | None, directs: list[DirectRun], proxies: list[ProxyRun],

@@ -40,6 +40,7 @@ from tightwad_core.bench.report import (
     ProxyRun,
     build_report,
     divergence_index,
+    first_difference,
     make_row,
 )
 from tightwad_core.config.profiles import BackendConfig, ConfigError, Profile, secret
@@ -118,17 +119,25 @@ class _Sides:
         after = mode.status()
         counters = {k: int(after.get(k) or 0) - int(before.get(k) or 0)
                     for k in ("rounds", "drafted", "accepted", "emitted", "relayed")}
+        last = getattr(mode, "last_tokens", None)  # a mode that reports its answer's ids
+        answer = last() if callable(last) and counters["rounds"] > 0 else None
         return ProxyRun(seconds, str(data["choices"][0]["text"]),
-                        int(data["usage"]["completion_tokens"]), counters)
+                        int(data["usage"]["completion_tokens"]), counters, answer)
 
     async def divergence(self, ids: list[int], n: int, direct: DirectRun,
-                         proxy_text: str) -> Divergence | None:
-        """Where the answers part (untimed); None if they agree after all."""
+                         proxy: ProxyRun) -> Divergence | None:
+        """Where the answers part (untimed); None if they agree after all.
+        Token ids are compared where both sides have them: a proxy token that
+        merely starts with the target's text (" ten" against " " then "1")
+        is found at its own position, not at the next token."""
         probe_ids, gaps = await self.probe(ids, n)
         ref = direct.ids if direct.ids is not None else probe_ids
-        if direct.ids is None and self.decode(ref) == proxy_text:
+        if direct.ids is None and self.decode(ref) == proxy.text:
             return None  # a target that sends text decodes it its own way; the tokens agree
-        index = divergence_index(ref, proxy_text, self.vocab.piece)
+        found = first_difference(ref, proxy.ids) if proxy.ids is not None else None
+        if proxy.ids is not None and found is None:
+            return None
+        index = found if found is not None else divergence_index(ref, proxy.text, self.vocab.piece)
         gap = None
         if index < len(ref) and index < len(gaps) and probe_ids[:index] == ref[:index]:
             gap = gaps[index]  # same context as the direct run, so the same distribution
@@ -156,7 +165,7 @@ async def _measure(sides: _Sides, item: dict[str, str], n: int, repeat: int, tur
         for run_side in order[shift:] + order[:shift]:
             await run_side()
         if diverged is None and proxies[-1].text != directs[-1].text:
-            diverged = await sides.divergence(ids, n, directs[-1], proxies[-1].text)
+            diverged = await sides.divergence(ids, n, directs[-1], proxies[-1])
     if sides.baseline_is_direct:
         bases = directs
     return make_row(item["prompt"], item.get("category") or None, directs, proxies, diverged,

@@ -15,7 +15,6 @@ from tightwad_core.http.common import ServerState
 from tightwad_core.http.metrics import Metrics
 from tightwad_core.http.serving import BrowserPolicy, guard, json_response
 
-
 log = logging.getLogger("tightwad.http")
 
 

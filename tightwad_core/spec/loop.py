@@ -41,6 +41,7 @@ class RequestStats:
     draft_failures: int = 0
     ks: list[int] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)  # greedy: top-2 gap per emitted token
+    tokens: list[int] = field(default_factory=list)  # the answer's token ids (end-of-generation left out)
 
     @property
     def network_s(self) -> float:
@@ -123,6 +124,7 @@ async def speculate(
             if released:
                 yield Delta(text=released)
         stats.emitted = emitter.n
+        stats.tokens = list(emitter.tokens)
         stats.wall_s = time.perf_counter() - t_start
         yield Delta(finish_reason=emitter.finish, usage=Usage(len(prompt), emitter.n))
     finally:
