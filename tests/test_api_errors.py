@@ -144,3 +144,27 @@ async def test_a_web_page_cannot_use_the_proxy(nursery, tmp_path, tiny_server):
         r = await client.post(CHAT, json=body, headers={"origin": page})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
     running.shutdown.set()
+
+
+async def test_parameters_beyond_openai_need_the_profiles_leave(nursery, tmp_path, tiny_server):
+    """`grammar` (and any other llama.cpp extension) is refused naming it, unless
+    the profile passes it on; then llama-server obeys it."""
+    body = {"messages": MSG, "max_tokens": 4, "temperature": 0, "grammar": 'root ::= "yes"'}
+    running = await start_proxy(nursery, relay_profile(tiny_server.url), tmp_path)
+    async with httpx.AsyncClient(base_url=running.url) as client:
+        r = await client.post(CHAT, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "grammar"
+        assert "passthrough" in r.json()["error"]["message"]
+        r = await client.post(CHAT, json={**body, "n_probs": 3, "lora": []})
+        assert r.status_code == 400 and all(n in r.json()["error"]["message"]
+                                            for n in ("grammar", "n_probs", "lora"))
+        ok = await client.post(CHAT, json={"messages": MSG, "max_tokens": 2, "presence_penalty": 0.5})
+        assert ok.status_code == 200, ok.text  # OpenAI's own parameters go through
+    running.shutdown.set()
+    opened = await start_proxy(nursery, relay_profile(tiny_server.url, passthrough=["grammar"]),
+                               tmp_path)
+    async with httpx.AsyncClient(base_url=opened.url) as client:
+        r = await client.post(CHAT, json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == "yes"
+    opened.shutdown.set()

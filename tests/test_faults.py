@@ -66,7 +66,7 @@ async def test_target_down_at_startup_then_up(nursery, tmp_path, tiny_model):
 
 
 def _launch_profile(model: Path) -> Profile:
-    return Profile(mode="direct", listen="127.0.0.1:0",
+    return Profile(mode="direct", listen="127.0.0.1:0", passthrough=["ignore_eos"],
                    target=BackendConfig(backend="llama-server", model_path=str(model), ctx_size=4096,
                                         parallel=1, threads=1))
 
@@ -111,7 +111,8 @@ async def test_target_dies_mid_stream(nursery, tmp_path, tiny_model):
 
 
 async def test_client_disconnect_cancels_upstream(nursery, tmp_path, qwen_server):
-    running = await start_proxy(nursery, relay_profile(qwen_server.url), tmp_path)
+    running = await start_proxy(nursery, relay_profile(qwen_server.url, passthrough=["ignore_eos"]),
+                                tmp_path)
     async with httpx.AsyncClient(timeout=60) as client:
         async def busy() -> int:
             slots = (await client.get(qwen_server.url + "/slots")).json()

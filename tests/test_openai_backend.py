@@ -11,7 +11,8 @@ from conftest import relay_profile, start_proxy
 @pytest.mark.parametrize("suffix", ["", "/v1"])  # with or without the /v1 users paste from SDK configs
 async def test_openai_backend_relays(nursery, tmp_path, tiny_server, suffix):
     running = await start_proxy(nursery, relay_profile(tiny_server.url + suffix, backend="openai",
-                                                       target_kw={"model": "tiny-llama"}), tmp_path)
+                                                       target_kw={"model": "tiny-llama"},
+                                                       passthrough=["cache_prompt"]), tmp_path)
     body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "temperature": 0,
             "cache_prompt": False}
     async with httpx.AsyncClient(timeout=60) as c:

@@ -54,6 +54,7 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     served_model: str | None = None  # model name clients see (default: the target's)
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
     max_body_bytes: int = 1_048_576  # largest request body accepted
+    passthrough: list[str] = []  # request parameters beyond the OpenAI ones passed on to the backend (e.g. "grammar")
     truncate: str = "error"  # a chat longer than the context: "error" (a 400 saying what to raise) or "oldest" (Ollama routes drop the oldest turns, as Ollama does)
     target: BackendConfig | None = None  # the model whose output is served
     draft: BackendConfig | None = None  # the cheap model that proposes tokens

@@ -20,6 +20,17 @@ from tightwad_core.roles import Backend, Mode
 #: Parameters that would let a request escape the proxy's limits or reach
 #: into other clients' state on a llama.cpp server; never passed on.
 DENIED_EXTRA = frozenset({"n_predict", "id_slot", "slot_id", "n_keep", "n_ctx", "n", "best_of"})
+#: Parameters the proxy does not act on itself but passes on to the backend:
+#: OpenAI's own, and the sampler settings llama.cpp, vLLM and Ollama share.
+#: Anything else gets a 400 naming it, unless the profile's `passthrough` lists it.
+PASSED_ON = frozenset({
+    "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs",
+    "response_format", "parallel_tool_calls", "echo", "suffix", "metadata", "store",
+    "reasoning_effort", "verbosity", "modalities", "prediction", "service_tier",
+    "prompt_cache_key", "safety_identifier", "functions", "function_call",
+    "min_p", "repeat_penalty", "repeat_last_n", "typical_p", "mirostat", "mirostat_tau",
+    "mirostat_eta",
+})
 
 
 @dataclass
@@ -118,13 +129,23 @@ def decode_body(raw: bytes | str, type_: type[Any]) -> Any:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
 
 
-def extras(raw: bytes | str, known: frozenset[str]) -> dict[str, Any]:
-    """Fields of the body that the typed decoder does not know."""
+def extras(raw: bytes | str, known: frozenset[str],
+           allowed: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Fields of the body that the typed decoder does not know: passed on
+    when in `PASSED_ON` or ``allowed`` (the profile's `passthrough`), else a
+    400 naming every one that is not."""
     data = msgspec.json.decode(raw)
     out = {k: v for k, v in data.items() if k not in known}
     for name in out:
         if name in DENIED_EXTRA:
             raise UnsupportedParam(f"parameter {name!r} is not accepted by this proxy", param=name)
+    unknown = sorted(n for n in out if n not in PASSED_ON and n not in allowed)
+    if unknown:
+        names = ", ".join(repr(n) for n in unknown)
+        raise UnsupportedParam(f"unknown parameter{'s' if len(unknown) > 1 else ''} {names}: "
+                               "not an OpenAI parameter this proxy passes on (a profile can "
+                               f"pass it on to its backend with passthrough = [{names}])",
+                               param=unknown[0])
     return out
 
 

@@ -84,11 +84,11 @@ async def _parse(kind: Kind) -> tuple[GenRequest, Any, str]:
         body = decode_body(raw, ChatBody)
         check_messages(body.messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        extra = extras(raw, CHAT_FIELDS)
+        extra = extras(raw, CHAT_FIELDS, frozenset(st.profile.passthrough))
     else:
         body = decode_body(raw, CompletionBody)
         max_tokens = body.max_tokens
-        extra = extras(raw, COMPLETION_FIELDS)
+        extra = extras(raw, COMPLETION_FIELDS, frozenset(st.profile.passthrough))
         prompt = body.prompt
         if isinstance(prompt, list) and any(isinstance(p, str) for p in prompt):
             if len(prompt) != 1 or not isinstance(prompt[0], str):
