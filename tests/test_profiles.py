@@ -152,3 +152,34 @@ def test_config_check_names_plugins(tmp_path: Path, table: str, field: str, typo
     assert f"field '{field}'" in line and repr(typo) in line and "profile 'p'" in line, line
     known = {"mode": "direct", "speculation.verifier": "prefix-batch", "draft.backend": "llama-server"}
     assert known[field] in line, line
+
+
+def test_a_users_profile_extends_a_shipped_one(tmp_path: Path) -> None:
+    """The shipped file says to start from one of its profiles: a user's file
+    can, its own fields win, and `config show` says where each came from."""
+    import json
+
+    path = tmp_path / "tightwad.toml"
+    path.write_text('[profiles.mine]\nextends = "speculative"\nlisten = "127.0.0.1:9099"\n'
+                    '[profiles.mine.speculation]\nmax_draft_tokens = 4\n'
+                    # a user profile of a shipped name wins, and may extend the shipped one
+                    '[profiles.demo]\nextends = "demo"\ndescription = "my demo"\n')
+    name, prof = load_profile(path, "mine", check_files=False)
+    assert prof.mode == "speculative" and prof.listen == "127.0.0.1:9099"
+    assert prof.speculation.max_draft_tokens == 4
+    assert prof.target is not None and prof.target.backend == "worker"  # from the shipped one
+    _, demo = load_profile(path, "demo", check_files=False)
+    assert demo.description == "my demo" and demo.target is not None
+    path.write_text('[profiles.mine]\nextends = "nowhere"\n')
+    with pytest.raises(ConfigError, match="nowhere.*shipped"):
+        load_profile(path, "mine", check_files=False)
+    path.write_text('[profiles.mine]\nextends = "speculative"\nlisten = "127.0.0.1:9099"\n')
+    r = _cli("config", "show", "--profile", "mine", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert tomllib.loads(r.stdout)["listen"] == "127.0.0.1:9099"
+    assert "# where each field was set" in r.stdout
+    r = _cli("config", "show", "--profile", "mine", "--json", cwd=tmp_path)
+    shown = json.loads(r.stdout)
+    assert shown["sources"]["listen"] == "tightwad.toml [profiles.mine]"
+    assert "(shipped)" in shown["sources"]["target.backend"]
+    assert "max_body_bytes" not in shown["sources"]  # a default, set nowhere

@@ -71,14 +71,29 @@ def config_check(config: Path | None, profile: str | None, no_files: bool, as_js
 @config.command("show")
 @config_option
 @profile_option
-def config_show(config: Path | None, profile: str | None) -> None:
-    """Print a profile as TOML after `extends` is applied and defaults filled in."""
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the profile and each field's origin as JSON.")
+def config_show(config: Path | None, profile: str | None, as_json: bool) -> None:
+    """Print a profile as TOML after `extends` is applied and defaults filled
+    in, then which file and profile set each field (the rest are defaults)."""
+    import msgspec
+
     path = _config_path(config)
+    sources: dict[str, str] = {}
     try:
-        _, prof = load_profile(path, profile, check_files=False)
+        name, prof = load_profile(path, profile, check_files=False, sources=sources)
     except ConfigError as exc:
         _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps({"profile": name, "settings": msgspec.to_builtins(prof),
+                               "sources": dict(sorted(sources.items()))}, indent=2))
+        return
     click.echo(to_toml(prof), nl=False)
+    if sources:
+        width = max(map(len, sources))
+        click.echo("\n# where each field was set (every other one is a default):")
+        for field, where in sorted(sources.items()):
+            click.echo(f"#   {field:<{width}}  {where}")
 
 
 @main.command()

@@ -103,26 +103,69 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def raw_profile(cfg: ConfigFile, name: str, path: Path) -> dict[str, Any]:
-    """The profile's table after applying its ``extends`` chain."""
-    chain: list[str] = []
+def _shipped_for(path: Path) -> tuple[ConfigFile, Path] | None:
+    """The shipped profiles, as parents for the profiles of another file."""
+    from tightwad_core.config.shipped import builtin_config
+
+    shipped = builtin_config()
+    try:
+        if not shipped.exists() or path.resolve() == shipped.resolve():
+            return None
+    except OSError:
+        return None
+    return load_file(shipped), shipped
+
+
+def _leaves(table: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out += _leaves(value, f"{prefix}{key}.")
+        elif key != "extends":
+            out.append(prefix + key)
+    return out
+
+
+def raw_profile(cfg: ConfigFile, name: str, path: Path,
+                sources: dict[str, str] | None = None) -> dict[str, Any]:
+    """The profile's table after applying its ``extends`` chain. A parent this
+    file does not define, or one a profile names after itself, comes from the
+    shipped profiles (so a user's file can start from ``speculative``); a
+    profile of the user's wins over a shipped one of the same name. With
+    ``sources``, records which file and profile set each field."""
+    shipped = _shipped_for(path)
+    chain: list[tuple[str, dict[str, Any], str]] = []  # (name, table, where it is)
     cur: str | None = name
+    in_user = True
     while cur is not None:
-        if cur in chain:
-            _raise(path, name, "extends", f"profiles extend each other in a loop: {' -> '.join(chain + [cur])}")
-        if cur not in cfg.profiles:
-            if cur == name:
+        table: dict[str, Any] | None = None
+        where = ""
+        own_name = bool(chain) and chain[-1][0] == cur  # extends = its own name: the shipped one
+        if in_user and cur in cfg.profiles and not own_name:
+            table, where = cfg.profiles[cur], f"{path} [profiles.{cur}]"
+        elif shipped is not None and cur in shipped[0].profiles:
+            in_user = False
+            table, where = shipped[0].profiles[cur], f"{shipped[1]} [profiles.{cur}] (shipped)"
+        if table is None:
+            if not chain:
                 known = ", ".join(sorted(cfg.profiles)) or "none"
                 _raise(path, None, "", f"no profile named {name!r} (profiles: {known})")
-            _raise(path, chain[-1], "extends", f"no profile named {cur!r} to extend")
-        chain.append(cur)
-        parent = cfg.profiles[cur].get("extends")
+            extra = " (nor in the shipped profiles)" if shipped is not None else ""
+            _raise(path, chain[-1][0], "extends", f"no profile named {cur!r} to extend{extra}")
+        assert table is not None
+        if any(w == where for _, _, w in chain):
+            names = " -> ".join([c[0] for c in chain] + [cur])
+            _raise(path, name, "extends", f"profiles extend each other in a loop: {names}")
+        chain.append((cur, table, where))
+        parent = table.get("extends")
         if parent is not None and not isinstance(parent, str):
             _raise(path, cur, "extends", "expected a profile name (a string)")
         cur = parent
     merged: dict[str, Any] = {}
-    for part in reversed(chain):
-        merged = _merge(merged, cfg.profiles[part])
+    for _, table, where in reversed(chain):
+        merged = _merge(merged, table)
+        if sources is not None:
+            sources.update({leaf: where for leaf in _leaves(table)})
     merged.pop("extends", None)
     return merged
 
@@ -181,8 +224,10 @@ def _check_backend(path: Path, profile: str, role: str, be: BackendConfig, check
             _raise(path, profile, f"{where}.model_path", f"model file {str(resolved)!r} does not exist{hint}")
 
 
-def load_profile(path: Path, name: str | None = None, check_files: bool = True) -> tuple[str, Profile]:
-    """Load, merge and validate one profile; returns (name, profile)."""
+def load_profile(path: Path, name: str | None = None, check_files: bool = True,
+                 sources: dict[str, str] | None = None) -> tuple[str, Profile]:
+    """Load, merge and validate one profile; returns (name, profile). With
+    ``sources``: where each field set in a file came from (see `raw_profile`)."""
     cfg = load_file(path)
     if name is None:
         name = cfg.default_profile
@@ -192,7 +237,7 @@ def load_profile(path: Path, name: str | None = None, check_files: bool = True) 
             else:
                 known = ", ".join(sorted(cfg.profiles)) or "none"
                 _raise(path, None, "", f"name a profile with --profile (profiles: {known}) or set default_profile")
-    raw = raw_profile(cfg, name, path)
+    raw = raw_profile(cfg, name, path, sources)
     try:
         prof = msgspec.convert(raw, type=Profile)
     except msgspec.ValidationError as exc:
