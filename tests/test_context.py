@@ -51,9 +51,10 @@ async def test_over_long_chat_gets_a_clear_400(nursery, tmp_path: Path, pair, mo
             msg = err["message"]
             assert f"needs {err['n_prompt_tokens']} tokens" in msg and f"the {CTX} allowed" in msg, msg
             assert "`target.ctx_size`" in msg and "http" not in msg, msg  # no backend URL
-        r = await client.post("/api/chat", json={"model": "x", "stream": False,
+        model = (await client.get("/v1/models")).json()["data"][0]["id"]
+        r = await client.post("/api/chat", json={"model": model, "stream": False,
                                                   "messages": [{"role": "user", "content": LONG}]})
-        assert r.status_code in (400, 404), r.text
+        assert r.status_code == 400 and "tokens of context" in r.json()["error"], r.text
     running.shutdown.set()
 
 

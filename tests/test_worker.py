@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -309,7 +308,7 @@ async def test_bad_requests_are_openai_shaped(nursery: trio.Nursery, tiny_model:
         ]
         for body in cases:
             r = await vpost(client, **body)
-            assert r.status_code in (400, 413), (body, r.text)
+            assert r.status_code == 400, (body, r.text)
             assert set(r.json()["error"]) >= {"message", "type", "param", "code"}
         r = await client.post("/v1/tightwad/verify", content=b"x" * 5000)
         assert r.status_code == 413
@@ -509,18 +508,19 @@ async def test_qwen_verify_eight_in_one_pass(nursery: trio.Nursery) -> None:
             assert out["n_past"] == past + 9
             times.append(out["engine_ms"])
 
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(QWEN), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
-                          verbose=False)
-    plain: dict[int, float] = {}
-    for n in (8, 9):  # the 8 drafts alone, then the same 9 positions the verify evaluated
+        # the same 9 tokens one at a time, on the same engine in the same run
+        singles = []
         for _ in range(3):
-            llm.reset()
-            await trio.to_thread.run_sync(llm.eval, prompt + cont[:9 - n])
-            t0 = time.perf_counter()
-            await trio.to_thread.run_sync(llm.eval, cont[9 - n:9])
-            plain[n] = min(plain.get(n, 1e9), (time.perf_counter() - t0) * 1e3)
+            step_ms = 0.0
+            p = past
+            for i in range(9):
+                one = await verify(client, session=sid, past=p, tokens=[cont[i]], draft=0)
+                step_ms += one["engine_ms"]
+                p += 1
+            singles.append(step_ms)
     print(f"\nqwen 1.5B, {threads} threads: verify of 8 drafts engine_ms {min(times):.1f} "
-          f"(runs {', '.join(f'{t:.1f}' for t in times)}); plain llm.eval of 8 tokens "
-          f"{plain[8]:.1f} ms, of the same 9 {plain[9]:.1f} ms")
+          f"(runs {', '.join(f'{t:.1f}' for t in times)}); the same 9 tokens one at a time "
+          f"{min(singles):.1f} ms")
+    # the claim: checking 8 drafts in one pass costs well under evaluating them one by one
+    # (about a third here; 0.8 leaves room for a loaded machine, both sides measured alike)
+    assert min(times) < 0.8 * min(singles), (times, singles)
