@@ -151,7 +151,19 @@ class SpeculativeMode:
                     return Result(text="".join(parts), finish_reason=d.finish_reason, usage=d.usage)
         raise AssertionError("stream ended without a finish")
 
+    def _can_accept(self, req: GenRequest) -> bool:
+        """Whether this rung can accept any draft token under the request's sampler."""
+        accepts = getattr(self.verifier, "accepts", None)
+        return accepts is None or bool(accepts(self._sampling(req)))
+
     async def stream(self, req: GenRequest) -> AsyncGenerator[Delta, None]:
+        if not self.relay_only and not self._can_accept(req):
+            # every round would pay for K drafts and K+1 positions that can never be
+            # accepted: the target alone answers, at its own speed
+            self.totals.relayed_sampler += 1
+            async for d in self._relay(req):
+                yield d
+            return
         if self.relay_only or not self.draft_length.speculate_this_request():
             async for d in self._relay(req):
                 yield d

@@ -73,10 +73,25 @@ class PrefixBatchSession(_Session):
         rows = [probs_row(st) for st in steps]
         if all(complete for _, complete in rows):
             accepted, token = accept_sampled([r for r, _ in rows], proposal.q, d, self.rng)
-        else:  # support wider than reported: keep the target's own sample at the first position
-            accepted, token = 0, own[0]
+        else:
+            # A row is missing: the server leaves out the entry of a sampled token that
+            # ends inside a UTF-8 character, or the support is wider than reported. The
+            # answer is a fresh sample of the target at the first position. Not own[0]:
+            # whether a row went missing depends on the server's own samples, and taking
+            # one of them here would favour exactly the tokens that make rows go missing.
+            accepted, token = 0, await self._fresh_sample()
         return self.advance(proposal, Verdict(accepted=accepted, token=token,
                                               seconds=time.perf_counter() - t0))
+
+
+    async def _fresh_sample(self) -> int:
+        body = {"prompt": self.ctx, "n_predict": 1, "cache_prompt": True, "return_tokens": True,
+                "seed": self.seed(), **sampler_fields(self.sampling, 0)}
+        data = await post_json(self.backend.client, "/completion", body, self.backend.where)
+        try:
+            return int(data["tokens"][0])
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise BackendError(f"{self.backend.where} sent no token") from exc
 
 
 class PrefixBatchVerifier:
@@ -90,6 +105,13 @@ class PrefixBatchVerifier:
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
+
+    @staticmethod
+    def accepts(s: SamplingParams) -> bool:
+        """Drafts can be accepted when greedy, or when sampling keeps at most the
+        MAX_PROBS most likely tokens the server reports (a wider support is only
+        partly known, so no draft could be accepted exactly)."""
+        return s.greedy or 0 < s.top_k <= MAX_PROBS
 
     async def open(self, prompt: list[int], sampling: SamplingParams) -> PrefixBatchSession:
         return PrefixBatchSession(self.backend, prompt, sampling)

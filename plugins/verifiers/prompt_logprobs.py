@@ -109,10 +109,18 @@ class PromptLogprobsVerifier:
     pinnable = True  # servers cannot announce prompt logprobs: pin the rung for one that has them
     exact = True
     one_pass = True
-    label = "prompt-logprobs: exact; one request per round returns the target's choice at every draft position"
+    label = ("prompt-logprobs: exact; one request per round returns the target's choice at every "
+             "draft position, but the server evaluates the whole context again each round "
+             "(echo of every prompt position)")
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
+
+    @staticmethod
+    def accepts(s: SamplingParams) -> bool:
+        """Greedy, or sampling that keeps at most the TOP_N tokens a server reports
+        per position; otherwise no draft can be accepted exactly."""
+        return s.greedy or 0 < s.top_k <= TOP_N
 
     async def open(self, prompt: list[int], sampling: SamplingParams) -> PromptLogprobsSession:
         return PromptLogprobsSession(self.backend, prompt, sampling)

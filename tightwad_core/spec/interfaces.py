@@ -77,6 +77,10 @@ class Verifier(Protocol):
     async def open(self, prompt: list[int], sampling: SamplingParams) -> VerifySession:
         """Start a request whose context is `prompt` (token ids)."""
 
+    # Optional: ``accepts(sampling) -> bool``, False when no draft token can be
+    # accepted exactly under that sampler (the speculative mode then relays the
+    # request instead of paying for drafts; status counts it as relayed_sampler).
+
 
 class Drafter(Protocol):
     """Proposes tokens in the target's vocabulary."""

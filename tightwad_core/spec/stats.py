@@ -15,6 +15,9 @@ BUCKETS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, float("inf"))
 class SpecTotals:
     requests: int = 0  # speculated requests
     relayed: int = 0  # requests relayed to the target (K = 0)
+    # of those, sampled requests the verifier could not accept a draft for (its
+    # servers report too little of the target's distribution for this sampler)
+    relayed_sampler: int = 0
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
@@ -45,7 +48,8 @@ class SpecTotals:
 
     def snapshot(self) -> dict[str, Any]:
         return {
-            "requests": self.requests, "relayed": self.relayed, "rounds": self.rounds,
+            "requests": self.requests, "relayed": self.relayed,
+            "relayed_sampler": self.relayed_sampler, "rounds": self.rounds,
             "drafted": self.drafted, "accepted": self.accepted, "emitted": self.emitted,
             "acceptance": self.accepted / self.drafted if self.drafted else None,
             "tokens_per_round": self.emitted / self.rounds if self.rounds else None,
