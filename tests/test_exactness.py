@@ -84,3 +84,23 @@ async def test_a_template_that_writes_bos_gives_one_bos(nursery: trio.Nursery,
             running.shutdown.set()
     finally:
         server.stop()
+
+
+async def test_a_worker_by_url_marks_its_control_tokens(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The vocabulary a worker serves keeps control tokens out of answer text
+    (their piece is empty) while drafts can still spell them out."""
+    from tightwad_core.roles import BackendContext
+    from tightwad_plugins.backends.worker import WorkerBackend
+
+    model = write_tiny_model(tmp_path / "ctl.gguf", seed=5)
+    worker = await nursery.start(partial(serve_worker, model, "127.0.0.1", 0, ctx=256, threads=1))
+    backend = WorkerBackend(BackendConfig(backend="worker", url=worker.url),
+                            BackendContext(role="target", config_dir=tmp_path, run_dir=tmp_path))
+    await nursery.start(backend.serve)
+    served = await backend.vocab()
+    local = vocab_mod.load_vocab(model)
+    assert served.fingerprint == local.fingerprint and served.eos == local.eos
+    for t in served.eos:
+        assert served.piece(t) == b"" and served.special(t) == local.special(t) != b""
+    assert served.decode(sorted(served.eos)) == b""
+    await backend.aclose()

@@ -107,6 +107,18 @@ async def test_eight_streamed_clients_share_two_sequences(nursery: trio.Nursery,
     # some of the eight had to wait for a sequence; none was refused or evicted
     assert info["queued"] > before["queued"] and info["refused"] == 0
     assert info["sessions"] == 0  # every request's session was closed at its end
+
+    # an answer that ends at end-of-generation: the same text, finish and counts as the
+    # target alone gives (completion_tokens counts the end token, as the target does)
+    ask = {"messages": [{"role": "user", "content": "What does HTTP stand for? One line."}],
+           "max_tokens": 64, "temperature": 0}
+    async with httpx.AsyncClient(timeout=300) as c:
+        alone = (await c.post(target.base_url + "/v1/chat/completions", json=ask)).json()
+        via = (await c.post(running.url + "/v1/chat/completions", json=ask)).json()
+    assert alone["choices"][0]["finish_reason"] == "stop"
+    assert via["choices"][0]["finish_reason"] == "stop"
+    assert via["usage"] == alone["usage"], (via["usage"], alone["usage"])
+    assert via["choices"][0]["message"]["content"] == alone["choices"][0]["message"]["content"]
     running.shutdown.set()
 
 
