@@ -524,3 +524,37 @@ async def test_qwen_verify_eight_in_one_pass(nursery: trio.Nursery) -> None:
     # the claim: checking 8 drafts in one pass costs well under evaluating them one by one
     # (about a third here; 0.8 leaves room for a loaded machine, both sides measured alike)
     assert min(times) < 0.8 * min(singles), (times, singles)
+
+
+@needs_engine
+async def test_echo_reuses_the_log_probabilities_it_computed(nursery: trio.Nursery,
+                                                             tiny_model: Path) -> None:
+    """The prompt-logprobs rung sends a longer prompt every round: the worker
+    evaluates only the new positions, and the figures match a full evaluation."""
+    w = await start(nursery, tiny_model, slots=1)
+    async with httpx.AsyncClient(base_url=w.url, timeout=30) as client:
+        prompt = await tokenize(client, "It is the end of the world as we know it")
+        ext = [5, 9, 30]
+
+        async def echo(ids: list[int], top: int) -> tuple[list[Any], int]:
+            before = (await client.get("/v1/tightwad/info")).json()["evaluated_tokens"]
+            r = await client.post("/v1/completions", json={
+                "prompt": ids, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 0,
+                "prompt_logprobs": top})
+            assert r.status_code == 200, r.text
+            after = (await client.get("/v1/tightwad/info")).json()["evaluated_tokens"]
+            return r.json()["choices"][0]["prompt_logprobs"], after - before
+
+        full, n_full = await echo(prompt + ext, 5)  # nothing cached: every position
+        assert n_full == len(prompt) + len(ext)
+        again, n_again = await echo(prompt + ext, 3)  # all cached but the last row
+        extended, n_ext = await echo(prompt + ext + [7, 8], 3)
+        assert n_again == 1 and n_ext == 3
+        for got in (again, extended):
+            for i in range(1, len(prompt) + len(ext)):
+                want = full[i][str((prompt + ext)[i])]["logprob"]
+                assert abs(got[i][str((prompt + ext)[i])]["logprob"] - want) < 1e-3, i
+                assert len(got[i]) in (3, 4)  # the top 3, plus the actual token
+        # more alternatives than were kept: a full evaluation again
+        _, n_wider = await echo(prompt + ext, 8)
+        assert n_wider == len(prompt) + len(ext)

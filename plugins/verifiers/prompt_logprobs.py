@@ -110,8 +110,8 @@ class PromptLogprobsVerifier:
     exact = True
     one_pass = True
     label = ("prompt-logprobs: exact; one request per round returns the target's choice at every "
-             "draft position, but the server evaluates the whole context again each round "
-             "(echo of every prompt position)")
+             "draft position; a server that does not keep prompt log-probabilities evaluates the "
+             "whole context again each round (a Tightwad worker keeps them)")
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend

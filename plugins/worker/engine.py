@@ -265,6 +265,7 @@ class Engine:
             "rounds": self.rounds,
             "expired": t.expired,
             "decodes": c.decodes,
+            "evaluated_tokens": c.evaluated,
             "batched_decodes": c.batched,
             "kv_unified": c.unified,
             "n_gpu_layers": m.n_gpu_layers,

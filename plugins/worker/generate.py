@@ -23,6 +23,7 @@ from tightwad_core.spec.emitter import stop_holdback
 from tightwad_core.spec.interfaces import SamplingParams
 from tightwad_plugins.worker import rejection
 from tightwad_plugins.worker.engine import Engine
+from tightwad_plugins.worker.model import common_prefix
 from tightwad_plugins.worker.protocol import ContextFull
 from tightwad_plugins.worker.sessions import Session
 
@@ -74,6 +75,13 @@ def token_lp(row: np.ndarray, tok: int, n_top: int) -> TokenLP:
     return TokenLP(logprob=float(x[tok] - lse), rank=int((x > x[tok]).sum()) + 1, top=top)
 
 
+@dataclass(frozen=True)
+class _EchoCache:
+    tokens: tuple[int, ...]  # the prompt whose log-probabilities these are
+    top: int  # alternatives kept per position
+    lps: list[TokenLP | None]  # lps[i] scores tokens[i] after tokens[:i]
+
+
 class _Picker:
     """Chooses each next token inside the engine thread."""
 
@@ -98,7 +106,19 @@ class _Picker:
         if prompt_top is None:
             tok, lp = await self.engine.evaluate(self.sess, 0, prompt, 1, finish=self._last)
             return tok, lp, None
+        # a prompt echoed on this sequence before keeps its log-probabilities: entries
+        # whose context is unchanged are reused, and only the rest is evaluated with
+        # logits (the prompt-logprobs rung sends a longer prompt every round)
+        seq = self.sess.slot.seq
+        cache: _EchoCache | None = seq.prompt_lps
         lps: list[TokenLP | None] = [None]
+        if cache is not None and cache.top >= prompt_top:
+            same = common_prefix(list(cache.tokens), prompt)
+            for lp in cache.lps[1:same]:
+                if lp is None:
+                    break
+                lps.append(TokenLP(lp.logprob, lp.rank, lp.top[:prompt_top]))
+        first = len(lps) - 1  # the row at this position scores prompt[len(lps)]
         out: list[tuple[int, TokenLP | None]] = []
 
         def on_row(pos: int, row: np.ndarray) -> None:
@@ -107,7 +127,8 @@ class _Picker:
             else:
                 out.append(self.pick(row))
 
-        await self.engine.evaluate(self.sess, 0, prompt, len(prompt), on_row=on_row)
+        await self.engine.evaluate(self.sess, 0, prompt, len(prompt) - first, on_row=on_row)
+        seq.prompt_lps = _EchoCache(tuple(prompt), prompt_top, list(lps))
         return (*out[0], lps)
 
     async def next(self, tok: int) -> tuple[int, TokenLP | None]:

@@ -169,6 +169,7 @@ class Sequence:
     index: int
     limit: int  # most tokens it may hold
     tokens: list[int] = field(default_factory=list)
+    prompt_lps: Any = None  # log-probabilities of a prompt echoed on it (see generate.py)
 
 
 class JobCancelled(Exception):
@@ -235,6 +236,7 @@ class Context:
         self.seqs = [Sequence(i, self.n_ctx_seq) for i in range(n_seq)]
         self.decodes = 0  # llama_decode calls
         self.batched = 0  # decodes that carried more than one sequence
+        self.evaluated = 0  # tokens evaluated, all sequences together
 
     # ------------------------------------------------------------ sequences
 
@@ -330,6 +332,7 @@ class Context:
         b.n_tokens = n
         rc = llama_cpp.llama_decode(self.ptr, b)
         self.decodes += 1
+        self.evaluated += n
         self.batched += len(plan) > 1
         if rc != 0:
             for j, _, _ in plan:
