@@ -67,27 +67,22 @@ async def _top(c: httpx.AsyncClient, url: str, ids: list[int], k: int) -> dict[i
     return {t: x / total for t, x in w.items()}
 
 
-async def test_sampled_tokens_follow_the_target(nursery, tmp_path, pair):
-    """The first two tokens sampled through the proxy (the first drafted and
-    accepted or corrected, the second the target's own) follow the target's
-    exact joint distribution: chi-square goodness of fit at alpha 0.001."""
-    running = await start_proxy(nursery, worker_profile(pair, "worker", 4), tmp_path)
-    url = running.state.backends["target"].base_url
-    piece = running.state.mode.text.piece
-    top_k, n = 6, 600
-    async with httpx.AsyncClient(timeout=60) as c:
-        ids = (await c.post(url + "/tokenize", json={"content": "the", "add_special": True})).json()["tokens"]
-        p1 = await _top(c, url, ids, top_k)
-        joint: Counter[str] = Counter()
-        for t1, a in p1.items():
-            for t2, b in (await _top(c, url, ids + [t1], top_k)).items():
-                joint[(piece(t1) + piece(t2)).decode("utf-8", "replace")] += a * b
-        seen: Counter[str] = Counter()
-        for i in range(n):
-            r = await c.post(running.url + "/v1/completions", json={
-                "prompt": ids, "max_tokens": 2, "temperature": 1.0, "top_k": top_k, "seed": 10_000 + i})
-            assert r.status_code == 200, r.text
-            seen[r.json()["choices"][0]["text"]] += 1
+async def first_two_fit(c: httpx.AsyncClient, proxy_url: str, exact_url: str, piece, ids: list[int],  # type: ignore[no-untyped-def]
+                        top_k: int, n: int, seed: int) -> None:
+    """Sample the first two tokens ``n`` times through the proxy and check them
+    against the target's exact joint distribution (read from a worker at
+    ``exact_url``): chi-square goodness of fit at alpha 0.001."""
+    p1 = await _top(c, exact_url, ids, top_k)
+    joint: Counter[str] = Counter()
+    for t1, a in p1.items():
+        for t2, b in (await _top(c, exact_url, ids + [t1], top_k)).items():
+            joint[(piece(t1) + piece(t2)).decode("utf-8", "replace")] += a * b
+    seen: Counter[str] = Counter()
+    for i in range(n):
+        r = await c.post(proxy_url + "/v1/completions", json={
+            "prompt": ids, "max_tokens": 2, "temperature": 1.0, "top_k": top_k, "seed": seed + i})
+        assert r.status_code == 200, r.text
+        seen[r.json()["choices"][0]["text"]] += 1
     assert set(seen) <= set(joint), f"texts the target cannot produce: {set(seen) - set(joint)}"
     cats = [t for t, q in joint.items() if q * n >= 5]
     obs = [seen[t] for t in cats] + [n - sum(seen[t] for t in cats)]
@@ -97,6 +92,17 @@ async def test_sampled_tokens_follow_the_target(nursery, tmp_path, pair):
     dof = len(pairs) - 1
     assert dof >= 3, "the test prompt must spread its probability"
     assert chi2 < chi2_999(dof), (chi2, dof, list(zip(cats, obs, exp)))
+
+
+async def test_sampled_tokens_follow_the_target(nursery, tmp_path, pair):
+    """The first two tokens sampled through the proxy (the first drafted and
+    accepted or corrected, the second the target's own) follow the target's
+    exact joint distribution: chi-square goodness of fit at alpha 0.001."""
+    running = await start_proxy(nursery, worker_profile(pair, "worker", 4), tmp_path)
+    url = running.state.backends["target"].base_url
+    async with httpx.AsyncClient(timeout=60) as c:
+        ids = (await c.post(url + "/tokenize", json={"content": "the", "add_special": True})).json()["tokens"]
+        await first_two_fit(c, running.url, url, running.state.mode.text.piece, ids, 6, 600, 10_000)
     st = running.state.mode.status()
     assert st["drafted"] > 0 and 0 < st["accepted"] < st["drafted"]  # both branches exercised
     running.shutdown.set()

@@ -14,10 +14,10 @@ import msgspec
 
 from tightwad_core.chat.tools import openai_from_ollama
 from tightwad_core.config.profiles import BackendConfig, ConfigError
-from tightwad_core.errors import BackendError, BackendUnavailable, BadRequest, UnsupportedParam
+from tightwad_core.errors import BackendError, BadRequest, UnsupportedParam
 from tightwad_core.hookspecs import hookimpl
 from tightwad_core.http.upstream import HTTPBackend
-from tightwad_core.http.wire import raise_for_status
+from tightwad_core.http.wire import raise_for_status, stream_errors
 from tightwad_core.records import Delta, GenRequest, Result, Usage
 from tightwad_core.roles import BackendContext, BackendFactory
 
@@ -129,7 +129,7 @@ class OllamaBackend(HTTPBackend):
     async def stream(self, req: GenRequest) -> AsyncGenerator[Delta, None]:
         path, body = self._body(req, stream=True)
         done: dict[str, Any] | None = None
-        try:
+        with stream_errors(self.where):
             async with self.client.stream("POST", path, content=msgspec.json.encode(body),
                                           headers={"content-type": "application/json"}) as resp:
                 if resp.status_code >= 400:
@@ -152,10 +152,6 @@ class OllamaBackend(HTTPBackend):
                     if data.get("done"):
                         done = data
                         break
-        except httpx.TimeoutException as exc:
-            raise BackendError(f"{self.where} timed out") from exc
-        except httpx.TransportError as exc:
-            raise BackendUnavailable(f"{self.where} connection failed mid-stream: {exc}") from exc
         if done is None:
             raise BackendError(f"{self.where} ended the stream without finishing")
         yield Delta(finish_reason=done.get("done_reason") or "stop", usage=self._usage(done))

@@ -4,7 +4,8 @@ hosted APIs): request bodies from `GenRequest`, answers into `Result` and
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -131,6 +132,17 @@ async def post_json(client: httpx.AsyncClient, path: str, body: dict[str, Any], 
         raise BackendError(f"{where} sent invalid JSON") from exc
 
 
+@contextmanager
+def stream_errors(where: str) -> Iterator[None]:
+    """httpx's failures while streaming from ``where``, as our errors."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise BackendError(f"{where} timed out") from exc
+    except httpx.TransportError as exc:
+        raise BackendUnavailable(f"{where} connection failed mid-stream: {exc}") from exc
+
+
 async def stream_sse(
     client: httpx.AsyncClient, path: str, body: dict[str, Any], kind: str, where: str,
     role: str = "target",
@@ -143,7 +155,7 @@ async def stream_sse(
     usage: Usage | None = None
     buf = b""
     done = False
-    try:
+    with stream_errors(where):
         async with client.stream(
             "POST", path, content=msgspec.json.encode(body), headers={"content-type": "application/json"}
         ) as resp:
@@ -198,10 +210,6 @@ async def stream_sse(
                     yield Delta(text="".join(texts))
                 if done:
                     break
-    except httpx.TimeoutException as exc:
-        raise BackendError(f"{where} timed out") from exc
-    except httpx.TransportError as exc:
-        raise BackendUnavailable(f"{where} connection failed mid-stream: {exc}") from exc
     if finish is None:
         raise BackendError(f"{where} ended the stream without finishing")
     yield Delta(finish_reason=finish, usage=usage)
