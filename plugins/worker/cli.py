@@ -17,6 +17,7 @@ from tightwad_core.cli.main import _fail, _leaf
 from tightwad_core.config.profiles import is_loopback
 from tightwad_core.http.serving import serve_app
 from tightwad_core.runtime.procs import usable_cores
+from tightwad_core.runtime.rpc import RpcError, check_servers, engine_version
 from tightwad_plugins.worker.app import create_worker_app
 from tightwad_plugins.worker.engine import Engine
 
@@ -42,7 +43,8 @@ async def serve_worker(model: Path, host: str = "127.0.0.1", port: int = 8090, *
                        max_body_bytes: int = 8 << 20, max_tokens_limit: int = 4096,
                        queue_max: int = 64, queue_timeout: float = 120.0,
                        n_gpu_layers: int | None = None, devices: list[str] | None = None,
-                       kv_unified: bool = True, verbose: bool = False,
+                       rpc: list[str] | None = None, kv_unified: bool = True,
+                       verbose: bool = False,
                        task_status: trio.TaskStatus[RunningWorker] = trio.TASK_STATUS_IGNORED,
                        ) -> None:
     """Load the model (in a thread), then serve until cancelled or until the
@@ -53,11 +55,18 @@ async def serve_worker(model: Path, host: str = "127.0.0.1", port: int = 8090, *
                                 "set TIGHTWAD_API_KEY")
     if not model.is_file():
         raise WorkerConfigError(f"model file not found: {model}")
+    if rpc:  # a real handshake with each, before llama.cpp (which aborts on a bad one)
+        try:
+            found = await check_servers(rpc, engine_version())
+        except (RpcError, ValueError) as exc:
+            raise WorkerConfigError(str(exc)) from exc
+        log.info("rpc-servers: %s", ", ".join(f"{ep} (protocol {v})" for ep, v in found.items()))
     try:
         eng = await Engine.load(model, slots=slots, ctx=ctx, threads=threads,
                                 session_ttl=session_ttl, verbose=verbose,
-                                n_gpu_layers=n_gpu_layers, devices=devices, queue_max=queue_max,
-                                queue_timeout=queue_timeout, unified=kv_unified)
+                                n_gpu_layers=n_gpu_layers, devices=devices, rpc=rpc,
+                                queue_max=queue_max, queue_timeout=queue_timeout,
+                                unified=kv_unified)
     except ValueError as exc:  # an unknown --device
         raise WorkerConfigError(str(exc)) from exc
     shutdown = trio.Event()
@@ -117,6 +126,11 @@ async def _until_signal(**kw: Any) -> None:
               help="Devices to load the model onto, by llama.cpp's names (CUDA0, ROCm0, MTL0, "
                    "Vulkan0, RPC[host:port]; CPU or none: no offload). Default: every GPU. "
                    "The start-up log lists the names this build has.")
+@click.option("--rpc", "rpc", default=None, metavar="HOST:PORT[,HOST:PORT...]",
+              help="rpc-servers (`rpc-server` of the same llama.cpp) to place the model on: each "
+                   "is checked with the RPC handshake first; every repeating layer goes to them "
+                   "and the output layer stays here, unless --device or --n-gpu-layers say "
+                   "otherwise.")
 @click.option("--kv-unified/--no-kv-unified", default=True, show_default=True,
               help="One KV buffer shared by all sequences (prefixes can be shared between "
                    "them) or one per sequence.")
@@ -132,7 +146,7 @@ async def _until_signal(**kw: Any) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging, including llama.cpp's.")
 def worker_command(model_ref: str, host: str, port: int, slots: int, ctx: int,
                    queue_max: int, queue_timeout: float, n_gpu_layers: int | None,
-                   devices: str | None, kv_unified: bool,
+                   devices: str | None, rpc: str | None, kv_unified: bool,
                    threads: int | None, api_key: str | None, session_ttl: float,
                    max_tokens_limit: int, verbose: bool) -> None:
     """Serve one model for speculative decoding: each verify request checks K
@@ -156,7 +170,8 @@ def worker_command(model_ref: str, host: str, port: int, slots: int, ctx: int,
                          threads=threads, api_key=api_key, session_ttl=session_ttl,
                          max_tokens_limit=max_tokens_limit, queue_max=queue_max,
                          queue_timeout=queue_timeout, n_gpu_layers=n_gpu_layers,
-                         devices=dev_list, kv_unified=kv_unified, verbose=verbose))
+                         devices=dev_list, kv_unified=kv_unified, verbose=verbose,
+                         rpc=[e.strip() for e in rpc.split(",") if e.strip()] if rpc else None))
     except KeyboardInterrupt:
         pass
     except (WorkerConfigError, OSError, RuntimeError, BaseExceptionGroup) as exc:

@@ -58,19 +58,43 @@ def _lib() -> Any:
     return _ggml
 
 
+def _device(dev: int) -> Device:
+    lib = _lib()
+    free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+    lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+    return Device(
+        name=(lib.ggml_backend_dev_name(dev) or b"?").decode("utf-8", "replace"),
+        description=(lib.ggml_backend_dev_description(dev) or b"").decode("utf-8", "replace"),
+        kind=KINDS.get(lib.ggml_backend_dev_type(dev), "other"),
+        free=int(free.value), total=int(total.value), handle=int(dev))
+
+
 def list_devices() -> list[Device]:
     """Every device llama.cpp can load onto now (call after llama_backend_init)."""
     lib = _lib()
+    return [_device(lib.ggml_backend_dev_get(i)) for i in range(lib.ggml_backend_dev_count())]
+
+
+def add_rpc_servers(endpoints: list[str]) -> list[Device]:
+    """Register each rpc-server with llama.cpp's RPC backend (call after
+    llama_backend_init) and return their devices, in the order given."""
+    import llama_cpp.llama_cpp as ll
+
+    here = Path(ll._lib._name).parent
+    rpc = ctypes.CDLL(str(here / "libggml-rpc.so"), mode=ctypes.RTLD_GLOBAL)
+    rpc.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
+    rpc.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
+    lib = _lib()
+    lib.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    lib.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
     out = []
-    for i in range(lib.ggml_backend_dev_count()):
-        dev = lib.ggml_backend_dev_get(i)
-        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        out.append(Device(
-            name=(lib.ggml_backend_dev_name(dev) or b"?").decode("utf-8", "replace"),
-            description=(lib.ggml_backend_dev_description(dev) or b"").decode("utf-8", "replace"),
-            kind=KINDS.get(lib.ggml_backend_dev_type(dev), "other"),
-            free=int(free.value), total=int(total.value), handle=int(dev)))
+    for ep in endpoints:
+        reg = rpc.ggml_backend_rpc_add_server(ep.encode())
+        if not reg or lib.ggml_backend_reg_dev_count(reg) < 1:
+            raise ValueError(f"llama.cpp could not add the rpc-server {ep}")
+        out.append(_device(lib.ggml_backend_reg_dev_get(reg, 0)))
     return out
 
 

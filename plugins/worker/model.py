@@ -50,16 +50,22 @@ class Model:
     """The loaded weights, the vocabulary and the chat template."""
 
     def __init__(self, path: Path, *, threads: int | None = None, verbose: bool = False,
-                 n_gpu_layers: int | None = None, devices: list[str] | None = None) -> None:
+                 n_gpu_layers: int | None = None, devices: list[str] | None = None,
+                 rpc: list[str] | None = None) -> None:
         llama_cpp = _lib()
         _quiet(verbose)
         llama_cpp.llama_backend_init()
         self.path = Path(path)
         self.threads = threads
+        pool = devs.add_rpc_servers(rpc) if rpc else []
         self.available = devs.list_devices()
-        # the devices layers are offloaded to: the ones named, else every GPU
+        # the devices layers are offloaded to: the ones named, else the rpc-servers, else every GPU
         named = None if devices is None else [d for d in devices if d.lower() not in ("cpu", "none")]
-        self.devices = devs.pick(named, self.available)  # ValueError names what exists
+        self.devices = pool if named is None and pool else devs.pick(named, self.available)
+        if n_gpu_layers is None and pool and self.devices == pool:
+            # every repeating layer on the pool, the output layer here: the last rpc-server
+            # would otherwise send float32 logits for every position back over the network
+            n_gpu_layers = _block_count(self.path)
         n_layers = -1 if n_gpu_layers is None else n_gpu_layers
         self.n_gpu_layers = n_layers if self.devices else 0
         params = llama_cpp.llama_model_default_params()
@@ -151,6 +157,15 @@ class Model:
         if self.ptr:
             _lib().llama_model_free(self.ptr)
             self.ptr = None
+
+
+def _block_count(path: Path) -> int | None:
+    from tightwad_core.vocab import read_metadata
+
+    meta = read_metadata(str(path))
+    arch = meta.get("general.architecture")
+    n = meta.get(f"{arch}.block_count")
+    return int(n) if isinstance(n, int) else None
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
