@@ -9,6 +9,7 @@ import math
 from collections import Counter
 
 import httpx
+import msgspec
 import pytest
 import trio
 from conftest import start_proxy
@@ -138,4 +139,29 @@ async def test_client_disconnect_frees_worker_session(nursery, tmp_path, pair):
         with trio.fail_after(10):
             while (await c.get(target.base_url + "/v1/tightwad/info")).json().get("sessions", 1):
                 await trio.sleep(0.05)
+    running.shutdown.set()
+
+
+async def test_drafting_ahead_keeps_the_output(nursery, tmp_path, pair):
+    """overlap_draft: the next round drafted during this one's verify; greedy
+    output is still the worker's own, rounds use the drafted-ahead proposal,
+    and a fixed seed still reproduces a sampled answer."""
+    prof = worker_profile(pair, "worker", 4)
+    prof = msgspec.structs.replace(prof, speculation=msgspec.structs.replace(
+        prof.speculation, overlap_draft=True))
+    running = await start_proxy(nursery, prof, tmp_path)
+    target = running.state.backends["target"]
+    async with httpx.AsyncClient(timeout=120) as c:
+        for prompt in ("the cat sat on", "once upon a time", "hello world"):
+            body = {"prompt": prompt, "max_tokens": 40, "temperature": 0}
+            ref = (await c.post(target.base_url + "/v1/completions", json=body)).json()
+            got = (await c.post(running.url + "/v1/completions", json=body)).json()
+            assert got["choices"][0]["text"] == ref["choices"][0]["text"], prompt
+            assert got["usage"] == ref["usage"]
+        sampled = {"prompt": "once upon a time", "max_tokens": 30, "temperature": 0.9, "seed": 77}
+        a = (await c.post(running.url + "/v1/completions", json=sampled)).json()["choices"][0]["text"]
+        b = (await c.post(running.url + "/v1/completions", json=sampled)).json()["choices"][0]["text"]
+    assert a == b
+    st = running.state.mode.status()
+    assert st["ahead_hits"] > 0 and st["acceptance"] > 0.2
     running.shutdown.set()

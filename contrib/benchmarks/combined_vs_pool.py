@@ -103,6 +103,8 @@ def main() -> int:
                     help="-ngl of the pool's coordinator: 99 puts the output layer on the last "
                          "rpc-server too (llama-server's usual set-up); the target's block count "
                          "keeps it on the coordinator, as combined mode does")
+    ap.add_argument("--overlap", action="store_true",
+                    help="combined mode drafts the next round while the pool verifies this one")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = ap.parse_args()
     target = catalog.model_path(catalog.DEFAULT_TARGET)
@@ -128,7 +130,8 @@ def main() -> int:
             f'[profiles.combined.draft]\nbackend = "llama-server"\nmodel_path = "{draft}"\n'
             'ctx_size = 2048\nparallel = 1\n'
             f'[profiles.combined.speculation]\nmax_draft_tokens = {args.k}\nverifier = "worker"\n'
-            'draft_timeout = 30\n')
+            'draft_timeout = 30\n'
+            f'overlap_draft = {"true" if args.overlap else "false"}\n')
         proxy, proxy_log = procs.start("combined-proxy", [
             str(BIN / "tightwad"), "run", "--config", str(cfg), "--profile", "combined"])
         wait_http(f"http://127.0.0.1:{pool_port}/health", pool, pool_log)
@@ -160,6 +163,7 @@ def main() -> int:
     comb_rate = sum(r["combined_tokens"] for r in rows) / sum(r["combined_s"] for r in rows)
     mode = status.get("mode_status") or {}
     report = {"delay": args.delay, "k": args.k, "tokens": args.tokens, "pool_ngl": args.pool_ngl,
+              "overlap": args.overlap, "ahead_hits": mode.get("ahead_hits"),
               "prompts": rows,
               "pool_tok_s": round(pool_rate, 3), "combined_tok_s": round(comb_rate, 3),
               "speedup": round(comb_rate / pool_rate, 3),

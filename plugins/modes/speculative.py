@@ -175,7 +175,8 @@ class SpeculativeMode:
             async with aclosing(speculate(
                     prompt, verifier=self.verifier, drafter=self.drafter, text=self.text,
                     sampling=self._sampling(req), max_tokens=req.max_tokens, stop=req.stop,
-                    draft_length=self.draft_length, guard=self.guard, stats=stats)) as it:
+                    draft_length=self.draft_length, guard=self.guard, stats=stats,
+                    overlap=self.profile.speculation.overlap_draft)) as it:
                 async for d in it:
                     yield d
         finally:

@@ -38,6 +38,7 @@ class SpeculationConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     verifier: str = "auto"  # a registered rung (worker, prompt-logprobs, prefix-batch, generate-compare, ...); auto = the best the target offers
     fallback_on_draft_failure: bool = True  # a failing or slow draft lets the request go on with the target alone
     draft_timeout: float = 5.0  # seconds one proposal may take before the round goes on without it
+    overlap_draft: bool = False  # draft the next round while the target verifies this one (exact; pays when verify waits on a network)
 
 
 class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -6,6 +6,15 @@ them in one target pass, feed the accepted tokens and the target's own next
 token to the `Emitter`, and yield the text it releases. A drafter that fails
 or is slow past its budget costs one round at K = 0 (`fallback`), never the
 request.
+
+With ``overlap``, the next round is drafted while the target verifies this
+one, on the guess that every draft token is accepted: the draft continues
+the proposal by K + 1 tokens, the first being its guess of the target's own
+next token. When the round is fully accepted and that guess is the target's
+token, the rest is the next proposal, and drafting cost no time; otherwise
+it is thrown away (cancelled when the verdict shows the guess cannot hold).
+The output is the same either way: the next proposal is what the draft
+would have proposed from that context.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -21,7 +31,14 @@ from tightwad_core.errors import BackendError
 from tightwad_core.records import Delta, Usage
 from tightwad_core.spec.draftlen import DraftLength
 from tightwad_core.spec.emitter import Emitter
-from tightwad_core.spec.interfaces import Drafter, Proposal, SamplingParams, TargetText, Verifier
+from tightwad_core.spec.interfaces import (
+    Drafter,
+    Proposal,
+    SamplingParams,
+    TargetText,
+    Verdict,
+    Verifier,
+)
 
 log = logging.getLogger("tightwad.spec")
 
@@ -39,6 +56,7 @@ class RequestStats:
     engine_s: float = 0.0  # engine time inside verify, when the verifier reports it
     wall_s: float = 0.0
     draft_failures: int = 0
+    ahead_hits: int = 0  # rounds whose proposal was drafted during the previous verify
     ks: list[int] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)  # greedy: top-2 gap per emitted token
     tokens: list[int] = field(default_factory=list)  # the answer's token ids (end-of-generation left out)
@@ -81,6 +99,30 @@ async def _propose(drafter: Drafter, guard: DraftGuard, ctx: list[int], k: int,
         return Proposal(tokens=[], seconds=time.perf_counter() - t0)
 
 
+async def _verify_drafting_ahead(
+    session: Any, proposal: Proposal, drafter: Drafter, guard: DraftGuard, ctx: list[int],
+    k: int, sampling: SamplingParams, stats: RequestStats,
+) -> tuple[Verdict, Proposal | None]:
+    """Verify ``proposal`` while drafting K + 1 tokens after it; the next
+    round's proposal when the guess held."""
+    ahead: list[Proposal] = []
+    async with trio.open_nursery() as nursery:
+        async def draft_ahead() -> None:
+            ahead.append(await _propose(drafter, guard, ctx + proposal.tokens, k + 1, sampling,
+                                        stats))
+
+        nursery.start_soon(draft_ahead)
+        verdict = await session.verify(proposal)
+        if verdict.accepted < len(proposal.tokens) or verdict.extra:
+            nursery.cancel_scope.cancel()  # the guess's context is gone
+    guess = ahead[0] if ahead else None
+    if guess is None or len(guess.tokens) < 2 or guess.tokens[0] != verdict.token:
+        return verdict, None
+    stats.ahead_hits += 1
+    return verdict, Proposal(tokens=guess.tokens[1:], q=None if guess.q is None else guess.q[1:],
+                             seconds=0.0)
+
+
 async def speculate(
     prompt: list[int],
     *,
@@ -93,6 +135,7 @@ async def speculate(
     draft_length: DraftLength,
     guard: DraftGuard,
     stats: RequestStats,
+    overlap: bool = False,
 ) -> AsyncGenerator[Delta, None]:
     """Yield deltas of the target's answer; the last carries finish reason and usage."""
     t_start = time.perf_counter()
@@ -100,12 +143,22 @@ async def speculate(
     session = await verifier.open(prompt, sampling)
     try:
         ctx = list(prompt)
+        ahead: Proposal | None = None  # the next round's proposal, drafted during this one's verify
         while emitter.finish is None:
             remaining = max_tokens - emitter.n
             k = min(draft_length.k(), remaining - 1) if drafter is not None and guard.usable() else 0
-            proposal = (await _propose(drafter, guard, ctx, k, sampling, stats)
-                        if k > 0 and drafter is not None else Proposal(tokens=[]))
-            verdict = await session.verify(proposal)
+            if ahead is not None and k > 0:
+                proposal = Proposal(tokens=ahead.tokens[:k], q=None if ahead.q is None
+                                    else ahead.q[:k], seconds=0.0)
+            else:
+                proposal = (await _propose(drafter, guard, ctx, k, sampling, stats)
+                            if k > 0 and drafter is not None else Proposal(tokens=[]))
+            ahead = None
+            if overlap and proposal.tokens and drafter is not None and guard.usable():
+                verdict, ahead = await _verify_drafting_ahead(
+                    session, proposal, drafter, guard, ctx, draft_length.k(), sampling, stats)
+            else:
+                verdict = await session.verify(proposal)
             new = proposal.tokens[: verdict.accepted] + [verdict.token] + verdict.extra
             ctx.extend(new)
             stats.rounds += 1
