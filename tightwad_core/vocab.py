@@ -170,8 +170,8 @@ def _int(meta: dict[str, Any], key: str) -> int | None:
     return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-@lru_cache(maxsize=8)
-def _load(path: str, mtime: float, size: int) -> Vocab:
+def _tokens(path: str) -> tuple[dict[str, Any], list[str], list[int]]:
+    """The metadata, token texts and token types of a GGUF file."""
     try:
         meta = read_metadata(path)
     except (OSError, ValueError, struct_error) as exc:
@@ -182,6 +182,19 @@ def _load(path: str, mtime: float, size: int) -> Vocab:
     types = meta.get("tokenizer.ggml.token_type")
     if not isinstance(types, list) or len(types) != len(texts):
         types = [NORMAL] * len(texts)
+    return meta, texts, types
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """The vocabulary fingerprint of a GGUF file, from its metadata alone (for
+    a caller that has the rest of the vocabulary from llama.cpp already)."""
+    _, texts, types = _tokens(str(path))
+    return fingerprint(texts, types)
+
+
+@lru_cache(maxsize=8)
+def _load(path: str, mtime: float, size: int) -> Vocab:
+    meta, texts, types = _tokens(path)
     model = meta.get("tokenizer.ggml.model") or "gpt2"
     pieces = _pieces(texts, types, str(model))
     eos = set(engine_eog(path) or ())

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from tightwad_core.runtime.procs import usable_cores
-from tightwad_core.vocab import Vocab, load_vocab
+from tightwad_core.vocab import Vocab, file_fingerprint
 from tightwad_plugins.worker import devices as devs
 
 #: Most positions whose logits one decode call returns (bounds the output buffer).
@@ -121,7 +121,7 @@ class Model:
         eos = frozenset(t for t in range(n) if llama_cpp.llama_vocab_is_eog(self.vocab_ptr, t))
         bos = int(llama_cpp.llama_vocab_bos(self.vocab_ptr))
         return Vocab(pieces=text, eos=eos, bos=bos if 0 <= bos < n else None,
-                     fingerprint=load_vocab(self.path).fingerprint, specials=specials,
+                     fingerprint=file_fingerprint(self.path), specials=specials,
                      add_bos=bool(llama_cpp.llama_vocab_get_add_bos(self.vocab_ptr)))
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
