@@ -57,13 +57,17 @@ ALLOWED = {
     ("config/schema.py", "direct"),  # the mode a profile gets when it names none
     ("http/openai.py", "openai"),  # the blueprint's name
     ("http/ollama.py", "ollama"),  # the blueprint's name
+    ("config/schema.py", "tcp"),  # the transport a cluster worker gets when it names none
+    ("config/schema.py", "memory-proportional"),  # the placement a cluster gets by default
 }
 
 
 def test_core_knows_plugins_only_through_hooks() -> None:
     reg = load_registry()
-    names = {n for kind in ("backends", "modes", "verifiers") for n in reg.names(kind)}
-    assert {"llama-server", "worker", "direct", "speculative", "prefix-batch"} <= names
+    names = {n for kind in ("backends", "modes", "verifiers", "transports", "placement_strategies")
+             for n in reg.names(kind)}
+    assert {"llama-server", "worker", "direct", "speculative", "prefix-batch", "tcp",
+            "tls-token", "memory-proportional"} <= names
     for path in sorted(CORE.rglob("*.py")):
         rel = path.relative_to(CORE).as_posix()
         tree = ast.parse(path.read_text())

@@ -10,7 +10,9 @@ rungs can pick what fits without knowing backend names. The names in use:
   one request, per-token probabilities);
 - ``"tightwad-verify"``: the worker's one-request-per-round verify protocol;
 - ``"prompt-logprobs"``: ``/v1/completions`` with ``echo`` and ``logprobs``
-  for prompt positions.
+  for prompt positions;
+- ``"rpc-pool"`` (`POOL_CAPABILITY`): the backend launches an engine that can
+  be placed on a profile's ``[cluster]`` pool (``BackendContext.pool``).
 """
 
 from __future__ import annotations
@@ -18,14 +20,22 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import trio
 
+from tightwad_core.bench.link import LinkSpec
 from tightwad_core.config.profiles import BackendConfig, Profile
+from tightwad_core.config.schema import RpcWorkerConfig
 from tightwad_core.records import Delta, GenRequest, Health, Result, TokenRun
 from tightwad_core.spec.interfaces import Verifier
 from tightwad_core.vocab import Vocab
+
+if TYPE_CHECKING:
+    from tightwad_core.cluster.pool import RpcPool
+
+
+POOL_CAPABILITY = "rpc-pool"
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,7 @@ class BackendContext:
     config_dir: Path  # folder of the config file (relative model paths start here)
     run_dir: Path  # where a launched server may write logs
     extra: dict[str, Any] = field(default_factory=dict)
+    pool: RpcPool | None = None  # the target's rpc-server pool, when the profile has a [cluster]
 
 
 @runtime_checkable
@@ -131,15 +142,25 @@ class PlacementStrategy(Protocol):
     name: str
 
     def assign(self, tensors: Mapping[str, int], devices: Mapping[str, int]) -> dict[str, str]:
-        """Tensor name -> device name, given tensor sizes and free device memory (bytes)."""
+        """Tensor name -> device name, given tensor sizes and the memory each
+        device offers (bytes, in device order). Raises ValueError (one line
+        for the user) when the tensors do not fit."""
 
 
 class Transport(Protocol):
-    """Opens byte streams to other nodes."""
+    """How the coordinator reaches one rpc-server of a cluster's pool. The
+    pool relays llama.cpp's RPC connections through ``connect`` (counting
+    bytes and round trips, and noticing which worker dropped)."""
 
     name: str
+    link: LinkSpec  # delay and bandwidth cap the relay adds (zero unless emulating a link)
 
-    async def connect(self, host: str, port: int) -> trio.abc.Stream: ...
+    def describe(self) -> str:
+        """One line for status and logs, e.g. ``"tls-token to 10.0.0.5:50052"``."""
+
+    async def connect(self) -> trio.abc.Stream:
+        """A byte stream to the worker's rpc-server; `RpcError` (naming the
+        worker and what to do) when it cannot be opened."""
 
 
 # --------------------------------------------------------------------------- factories
@@ -182,7 +203,7 @@ class PlacementFactory(Protocol):
 
 
 class TransportFactory(Protocol):
-    def __call__(self) -> Transport: ...
+    def __call__(self, worker: RpcWorkerConfig, /) -> Transport: ...
 
 
 def best_verifier(verifiers: Mapping[str, VerifierFactory],
@@ -194,4 +215,4 @@ def best_verifier(verifiers: Mapping[str, VerifierFactory],
 
 __all__ = ["Backend", "BackendConfig", "BackendContext", "BackendFactory", "Mode", "ModeContext",
            "ModeFactory", "PlacementFactory", "PlacementStrategy", "Profile", "TokenBackend",
-           "Transport", "TransportFactory", "VerifierFactory", "best_verifier"]
+           "Transport", "TransportFactory", "VerifierFactory", "best_verifier", "POOL_CAPABILITY"]

@@ -12,10 +12,11 @@ from typing import Any
 import trio
 
 from tightwad_core.config.profiles import BackendConfig
+from tightwad_core.config.schema import ConfigError
 from tightwad_core.hookspecs import hookimpl
 from tightwad_core.http.upstream import OpenAIHTTPBackend
 from tightwad_core.records import GenRequest, Health, TokenRun
-from tightwad_core.roles import BackendContext, BackendFactory
+from tightwad_core.roles import POOL_CAPABILITY, BackendContext, BackendFactory
 from tightwad_core.runtime.catalog import resolve_model
 from tightwad_core.runtime.procs import Supervised, find_engine, free_port
 from tightwad_core.spec.interfaces import SamplingParams
@@ -25,7 +26,8 @@ from tightwad_plugins.backends.llama_wire import align_gaps, sampler_fields
 
 class LlamaServerBackend(OpenAIHTTPBackend):
     kind = "llama-server"
-    capabilities = frozenset({"tokens", "llama-completion"})
+    capabilities = frozenset({"tokens", "llama-completion", POOL_CAPABILITY})
+    pool_devices_flag = True  # llama-server needs --device RPC0,... or the layers stay local
     supports_top_k = True
     health_path = "/health"
 
@@ -37,6 +39,9 @@ class LlamaServerBackend(OpenAIHTTPBackend):
             self.model_file: Path | None = resolve_model(config.model_path, context.config_dir)
         else:
             self.model_file = None
+        if context.pool is not None and self.model_file is None:
+            raise ConfigError(f"{context.role}: a target on a [cluster] pool is launched here: "
+                              "give `model_path`, not `url`")
 
     def launch_argv(self, port: int) -> list[str]:
         assert self.model_file is not None
@@ -62,13 +67,18 @@ class LlamaServerBackend(OpenAIHTTPBackend):
             return
         port = free_port()
         url = f"http://127.0.0.1:{port}"
+        argv = self.launch_argv(port)
+        pool = self.context.pool
+        if pool is not None:  # the layers go to the cluster's rpc-servers
+            argv += (await pool.plan(self.model_file)).args(devices=self.pool_devices_flag)
         self.process = Supervised(
             f"{self.kind} ({self.role})",
-            self.launch_argv(port),
-            self.context.run_dir / f"llama-server-{self.role}.log",
+            argv,
+            self.context.run_dir / f"{self.kind}-{self.role}.log",
             url + "/health",
             startup_timeout=self.config.startup_timeout,
             restart=self.config.restart,
+            before_start=pool.wait_ready if pool is not None else None,
         )
         self._open_client(url)
         await self.process.serve(task_status=task_status)

@@ -15,7 +15,7 @@ from tightwad_core.errors import BackendError
 from tightwad_core.hookspecs import hookimpl
 from tightwad_core.http.upstream import OpenAIHTTPBackend
 from tightwad_core.records import GenRequest, TokenRun
-from tightwad_core.roles import BackendContext, BackendFactory
+from tightwad_core.roles import POOL_CAPABILITY, BackendContext, BackendFactory
 from tightwad_core.vocab import Vocab, from_pieces
 from tightwad_plugins.backends.llama_server import LlamaServerBackend
 from tightwad_plugins.backends.llama_wire import gap_of
@@ -23,7 +23,8 @@ from tightwad_plugins.backends.llama_wire import gap_of
 
 class WorkerBackend(LlamaServerBackend):
     kind = "worker"
-    capabilities = frozenset({"tokens", "tightwad-verify", "prompt-logprobs"})
+    capabilities = frozenset({"tokens", "tightwad-verify", "prompt-logprobs", POOL_CAPABILITY})
+    pool_devices_flag = False  # `tightwad worker --rpc` offloads to the rpc-servers by itself
 
     def __init__(self, config: BackendConfig, context: BackendContext) -> None:
         super().__init__(config, context)

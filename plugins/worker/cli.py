@@ -44,7 +44,7 @@ async def serve_worker(model: Path, host: str = "127.0.0.1", port: int = 8090, *
                        queue_max: int = 64, queue_timeout: float = 120.0,
                        n_gpu_layers: int | None = None, devices: list[str] | None = None,
                        rpc: list[str] | None = None, kv_unified: bool = True,
-                       verbose: bool = False,
+                       tensor_split: list[float] | None = None, verbose: bool = False,
                        task_status: trio.TaskStatus[RunningWorker] = trio.TASK_STATUS_IGNORED,
                        ) -> None:
     """Load the model (in a thread), then serve until cancelled or until the
@@ -65,6 +65,7 @@ async def serve_worker(model: Path, host: str = "127.0.0.1", port: int = 8090, *
         eng = await Engine.load(model, slots=slots, ctx=ctx, threads=threads,
                                 session_ttl=session_ttl, verbose=verbose,
                                 n_gpu_layers=n_gpu_layers, devices=devices, rpc=rpc,
+                                tensor_split=tensor_split,
                                 queue_max=queue_max, queue_timeout=queue_timeout,
                                 unified=kv_unified)
     except ValueError as exc:  # an unknown --device
@@ -131,6 +132,9 @@ async def _until_signal(**kw: Any) -> None:
                    "is checked with the RPC handshake first; every repeating layer goes to them "
                    "and the output layer stays here, unless --device or --n-gpu-layers say "
                    "otherwise.")
+@click.option("--tensor-split", "-ts", "tensor_split", default=None, metavar="N[,N...]",
+              help="Share of the offloaded layers per device, in device order (e.g. 3,1), as "
+                   "llama.cpp's --tensor-split. Default: by each device's free memory.")
 @click.option("--kv-unified/--no-kv-unified", default=True, show_default=True,
               help="One KV buffer shared by all sequences (prefixes can be shared between "
                    "them) or one per sequence.")
@@ -146,7 +150,7 @@ async def _until_signal(**kw: Any) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging, including llama.cpp's.")
 def worker_command(model_ref: str, host: str, port: int, slots: int, ctx: int,
                    queue_max: int, queue_timeout: float, n_gpu_layers: int | None,
-                   devices: str | None, rpc: str | None, kv_unified: bool,
+                   devices: str | None, rpc: str | None, tensor_split: str | None, kv_unified: bool,
                    threads: int | None, api_key: str | None, session_ttl: float,
                    max_tokens_limit: int, verbose: bool) -> None:
     """Serve one model for speculative decoding: each verify request checks K
@@ -166,11 +170,18 @@ def worker_command(model_ref: str, host: str, port: int, slots: int, ctx: int,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         dev_list = None if devices is None else [d for d in devices.split(",") if d.strip()]
+        try:
+            split = [float(x) for x in tensor_split.split(",")] if tensor_split else None
+        except ValueError:
+            _fail(f"--tensor-split expects numbers separated by commas, got {tensor_split!r}")
+        if split and (any(x < 0 for x in split) or not sum(split) > 0):
+            _fail("--tensor-split needs shares of zero or more that add up to more than zero")
         trio.run(partial(_until_signal, model=model, host=host, port=port, slots=slots, ctx=ctx,
                          threads=threads, api_key=api_key, session_ttl=session_ttl,
                          max_tokens_limit=max_tokens_limit, queue_max=queue_max,
                          queue_timeout=queue_timeout, n_gpu_layers=n_gpu_layers,
                          devices=dev_list, kv_unified=kv_unified, verbose=verbose,
+                         tensor_split=split,
                          rpc=[e.strip() for e in rpc.split(",") if e.strip()] if rpc else None))
     except KeyboardInterrupt:
         pass

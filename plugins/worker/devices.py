@@ -77,7 +77,8 @@ def list_devices() -> list[Device]:
 
 def add_rpc_servers(endpoints: list[str]) -> list[Device]:
     """Register each rpc-server with llama.cpp's RPC backend (call after
-    llama_backend_init) and return their devices, in the order given."""
+    llama_backend_init) and return their devices (all of each server's), in
+    the order given."""
     import llama_cpp.llama_cpp as ll
 
     here = Path(ll._lib._name).parent
@@ -94,7 +95,8 @@ def add_rpc_servers(endpoints: list[str]) -> list[Device]:
         reg = rpc.ggml_backend_rpc_add_server(ep.encode())
         if not reg or lib.ggml_backend_reg_dev_count(reg) < 1:
             raise ValueError(f"llama.cpp could not add the rpc-server {ep}")
-        out.append(_device(lib.ggml_backend_reg_dev_get(reg, 0)))
+        for i in range(lib.ggml_backend_reg_dev_count(reg)):
+            out.append(_device(lib.ggml_backend_reg_dev_get(reg, i)))
     return out
 
 

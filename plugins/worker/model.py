@@ -51,7 +51,7 @@ class Model:
 
     def __init__(self, path: Path, *, threads: int | None = None, verbose: bool = False,
                  n_gpu_layers: int | None = None, devices: list[str] | None = None,
-                 rpc: list[str] | None = None) -> None:
+                 rpc: list[str] | None = None, tensor_split: list[float] | None = None) -> None:
         llama_cpp = _lib()
         _quiet(verbose)
         llama_cpp.llama_backend_init()
@@ -72,6 +72,9 @@ class Model:
         params.n_gpu_layers = self.n_gpu_layers
         self._dev_list = devs.c_list(self.devices)  # referenced until the model is freed
         params.devices = ctypes.cast(self._dev_list, ctypes.c_void_p)
+        if tensor_split:  # share of the offloaded layers per device, in device order
+            self._split = (ctypes.c_float * max(len(tensor_split), 128))(*tensor_split)
+            params.tensor_split = ctypes.cast(self._split, ctypes.POINTER(ctypes.c_float))
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not model:
             raise RuntimeError(f"llama.cpp could not load {path}")

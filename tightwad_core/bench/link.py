@@ -119,6 +119,14 @@ class LinkStats:
     failed: int = 0        # connections whose upstream connect failed
     bytes_up: int = 0      # client -> target
     bytes_down: int = 0    # target -> client
+    round_trips: int = 0   # answers: bytes delivered down after bytes went up
+    _last: str = "bytes_down"
+
+    def delivered(self, counter: str, n: int) -> None:
+        setattr(self, counter, getattr(self, counter) + n)
+        if counter == "bytes_down" and self._last == "bytes_up":
+            self.round_trips += 1
+        self._last = counter
 
 
 @dataclass(frozen=True)
@@ -169,30 +177,44 @@ class _Line:
         return departure + self.spec.delay
 
 
-def _nodelay(stream: trio.SocketStream) -> None:
+Opener = Callable[[], Awaitable[trio.abc.Stream]]
+
+
+def _nodelay(stream: trio.abc.Stream) -> None:
+    if not isinstance(stream, trio.SocketStream):
+        return  # a TLS stream: its transport was tuned by whoever opened it
     try:
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
     except OSError:  # not TCP (never here) or already closed; nothing to tune
         pass
 
 
-async def _carry(src: trio.SocketStream, out: trio.MemorySendChannel[tuple[float, bytes]],
-                 line: _Line, budget: _Budget) -> None:
+async def _eof(dst: trio.abc.Stream) -> None:
+    """Pass a half close on; a stream without one (TLS) is closed instead."""
+    if isinstance(dst, trio.abc.HalfCloseableStream):
+        await dst.send_eof()
+    else:
+        await dst.aclose()
+
+
+async def _carry(src: trio.abc.Stream, out: trio.MemorySendChannel[tuple[float, bytes]],
+                 line: _Line, budget: _Budget, ended: list[str], counter: str) -> None:
     """Read from ``src`` and put each piece on the delay line with its delivery time."""
     async with out:
         while True:
             data = await src.receive_some(CHUNK)
             if not data:
+                ended.append(counter)
                 await out.send((line.schedule(trio.current_time(), 0), b""))
                 return
             step = SLICE if line.spec.bandwidth is not None else len(data)
             for i in range(0, len(data), step):
-                piece = data[i:i + step]
+                piece = bytes(data[i:i + step])
                 await budget.acquire(len(piece))
                 await out.send((line.schedule(trio.current_time(), len(piece)), piece))
 
 
-async def _deliver(inbox: trio.MemoryReceiveChannel[tuple[float, bytes]], dst: trio.SocketStream,
+async def _deliver(inbox: trio.MemoryReceiveChannel[tuple[float, bytes]], dst: trio.abc.Stream,
                    budget: _Budget, stats: LinkStats, counter: str) -> None:
     """Write each piece to ``dst`` at its delivery time; an empty piece is the EOF."""
     async with inbox:
@@ -200,10 +222,10 @@ async def _deliver(inbox: trio.MemoryReceiveChannel[tuple[float, bytes]], dst: t
             if deliver_at > trio.current_time():
                 await trio.sleep_until(deliver_at)
             if not data:
-                await dst.send_eof()
+                await _eof(dst)
                 continue
             await dst.send_all(data)
-            setattr(stats, counter, getattr(stats, counter) + len(data))
+            stats.delivered(counter, len(data))
             budget.release(len(data))
 
 
@@ -216,25 +238,48 @@ async def _guarded(abort: trio.CancelScope, fn: Callable[[], Awaitable[None]]) -
         abort.cancel()
 
 
-async def _pump(src: trio.SocketStream, dst: trio.SocketStream, stats: LinkStats,
-                counter: str) -> None:
+async def _pump(src: trio.abc.Stream, dst: trio.abc.Stream, stats: LinkStats,
+                counter: str, ended: list[str]) -> None:
     """A link with no delay and no cap is a plain relay: no delay line, no extra hop."""
     while data := await src.receive_some(CHUNK):
         await dst.send_all(data)
-        setattr(stats, counter, getattr(stats, counter) + len(data))
-    await dst.send_eof()
+        stats.delivered(counter, len(data))
+    ended.append(counter)
+    await _eof(dst)
 
 
-async def _direction(src: trio.SocketStream, dst: trio.SocketStream, spec: LinkSpec,
-                     stats: LinkStats, counter: str, abort: trio.CancelScope) -> None:
-    if spec.delay == 0 and spec.bandwidth is None:
-        await _guarded(abort, partial(_pump, src, dst, stats, counter))
-        return
-    out, inbox = trio.open_memory_channel[tuple[float, bytes]](math.inf)
-    budget = _Budget(MAX_IN_FLIGHT)
+async def _direction(src: trio.abc.Stream, dst: trio.abc.Stream, spec: LinkSpec,
+                     stats: LinkStats, counter: str, abort: trio.CancelScope,
+                     ended: list[str]) -> None:
+    """``ended`` gets ``counter`` when this direction's source ends (its EOF,
+    or a failure), so the first entry says which side ended the connection."""
+    try:
+        if spec.delay == 0 and spec.bandwidth is None:
+            await _guarded(abort, partial(_pump, src, dst, stats, counter, ended))
+            return
+        out, inbox = trio.open_memory_channel[tuple[float, bytes]](math.inf)
+        budget = _Budget(MAX_IN_FLIGHT)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_guarded, abort, partial(_deliver, inbox, dst, budget, stats, counter))
+            nursery.start_soon(_guarded, abort, partial(_carry, src, out, _Line(spec), budget,
+                                                        ended, counter))
+    finally:
+        if not ended:  # failed or cancelled before either side said EOF
+            ended.append(counter)
+
+
+async def relay(client: trio.abc.Stream, upstream: trio.abc.Stream, spec: LinkSpec,
+                stats: LinkStats) -> str:
+    """Relay both ways until the connection ends; which side ended it first:
+    ``"client"`` or ``"upstream"``."""
+    _nodelay(client)
+    _nodelay(upstream)
+    ended: list[str] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_guarded, abort, partial(_deliver, inbox, dst, budget, stats, counter))
-        nursery.start_soon(_guarded, abort, partial(_carry, src, out, _Line(spec), budget))
+        run = partial(_direction, spec=spec, stats=stats, abort=nursery.cancel_scope, ended=ended)
+        nursery.start_soon(partial(run, client, upstream, counter="bytes_up"))
+        nursery.start_soon(partial(run, upstream, client, counter="bytes_down"))
+    return "client" if not ended or ended[0] == "bytes_up" else "upstream"
 
 
 async def _connection(client: trio.SocketStream, *, target: tuple[str, int], spec: LinkSpec,
@@ -243,7 +288,6 @@ async def _connection(client: trio.SocketStream, *, target: tuple[str, int], spe
     stats.active += 1
     try:
         async with client:
-            _nodelay(client)
             try:
                 upstream = await trio.open_tcp_stream(*target)
             except OSError as exc:
@@ -251,11 +295,7 @@ async def _connection(client: trio.SocketStream, *, target: tuple[str, int], spe
                 log.warning("link: cannot connect to %s:%d: %s", *target, exc)
                 return
             async with upstream:
-                _nodelay(upstream)
-                async with trio.open_nursery() as nursery:
-                    run = partial(_direction, spec=spec, stats=stats, abort=nursery.cancel_scope)
-                    nursery.start_soon(partial(run, client, upstream, counter="bytes_up"))
-                    nursery.start_soon(partial(run, upstream, client, counter="bytes_down"))
+                await relay(client, upstream, spec, stats)
     finally:
         stats.active -= 1
 

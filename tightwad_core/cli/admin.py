@@ -47,7 +47,7 @@ def config_check(config: Path | None, profile: str | None, no_files: bool, as_js
 
     path = _config_path(config)
     reg = load_registry()
-    known = {kind: reg.names(kind) for kind in ("modes", "backends", "verifiers")}
+    known = {kind: reg.names(kind) for kind in ("modes", "backends", "verifiers", "placement_strategies", "transports")}
     try:
         names = [profile] if profile else sorted(load_file(path).profiles)
         results = []

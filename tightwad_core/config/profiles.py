@@ -273,6 +273,41 @@ def validate(path: Path, name: str, prof: Profile, check_files: bool = True) -> 
         _raise(path, name, "speculation.k_max", "expected a number from 1 to 64")
     if spec.draft_timeout <= 0:
         _raise(path, name, "speculation.draft_timeout", "expected a positive number of seconds")
+    if prof.cluster is not None:
+        _check_cluster(path, name, prof)
+
+
+def _check_cluster(path: Path, name: str, prof: Profile) -> None:
+    from tightwad_core.bench.link import parse_bandwidth, parse_delay
+    from tightwad_core.cluster.sizes import parse_size
+
+    cluster = prof.cluster
+    assert cluster is not None
+    if not cluster.workers:
+        _raise(path, name, "cluster.workers", "a cluster needs at least one [[cluster.workers]] entry")
+    seen: set[str] = set()
+    for i, w in enumerate(cluster.workers):
+        where = f"cluster.workers[{i}]"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", w.name):
+            _raise(path, name, f"{where}.name", "letters, digits, '.', '_' and '-' only (at most 64)")
+        if w.name in seen:
+            _raise(path, name, f"{where}.name", f"two workers are named {w.name!r}")
+        seen.add(w.name)
+        if not 0 < w.port < 65536:
+            _raise(path, name, f"{where}.port", f"port {w.port} is out of range")
+        if w.launch and not is_loopback(w.host):
+            _raise(path, name, f"{where}.launch", f"only an rpc-server on this machine can be launched, "
+                   f"but host is {w.host!r}: run `tightwad rpc-worker` on that machine instead")
+        try:
+            parse_delay(w.delay)
+            if w.bandwidth is not None:
+                parse_bandwidth(w.bandwidth)
+            if w.memory is not None:
+                parse_size(w.memory)
+        except ValueError as exc:
+            _raise(path, name, where, str(exc))
+    if cluster.connect_timeout <= 0 or cluster.rejoin_timeout < 0:
+        _raise(path, name, "cluster", "connect_timeout must be positive and rejoin_timeout not negative")
 
 
 def check_names(path: Path, name: str, prof: Profile, known: Mapping[str, Sequence[str]]) -> None:
@@ -289,6 +324,10 @@ def check_names(path: Path, name: str, prof: Profile, known: Mapping[str, Sequen
         if cfg is not None:
             one(f"{role}.backend", cfg.backend, "backends")
     one("speculation.verifier", prof.speculation.verifier, "verifiers", ("auto",))
+    if prof.cluster is not None and "placement_strategies" in known:
+        one("cluster.placement", prof.cluster.placement, "placement_strategies")
+        for i, w in enumerate(prof.cluster.workers):
+            one(f"cluster.workers[{i}].transport", w.transport, "transports")
 
 
 def profile_names(path: Path) -> list[str]:

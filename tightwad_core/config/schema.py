@@ -41,6 +41,35 @@ class SpeculationConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     overlap_draft: bool = False  # draft the next round while the target verifies this one (exact; pays when verify waits on a network)
 
 
+class RpcWorkerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One rpc-server of a cluster's pool."""
+
+    name: str  # shown in status, logs and errors
+    host: str = "127.0.0.1"  # the machine's address
+    port: int = 50052  # its rpc-server's port, or the port of its `tightwad rpc-worker` tunnel
+    transport: str = "tcp"  # plugin: "tcp" (loopback or a trusted network), "tls-token" (`tightwad rpc-worker`), "emulated" (a slow link, for test beds)
+    memory: str | None = None  # memory the model may use there, e.g. "10GiB" (default: what the server reports free)
+    fingerprint: str | None = None  # tls-token: SHA-256 of the worker's certificate, as `tightwad rpc-worker` prints it
+    token: str | None = None  # tls-token: the worker's token
+    token_env: str | None = None  # ...or the environment variable that holds it
+    delay: str = "0ms"  # emulated: one-way delay of the link
+    bandwidth: str | None = None  # emulated: bandwidth cap per direction, e.g. "100mbit"
+    launch: bool = False  # start an rpc-server on this machine for it (test beds; host must be loopback)
+    threads: int | None = None  # launch: CPU threads of that rpc-server
+    extra_args: list[str] = []  # launch: further rpc-server arguments, e.g. ["-d", "CUDA0"]
+    env: dict[str, str] = {}  # launch: environment of that rpc-server, e.g. {CUDA_VISIBLE_DEVICES = "1"}
+
+
+class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A pool of rpc-servers the target's layers are placed on."""
+
+    workers: list[RpcWorkerConfig] = []  # the pool, in device order
+    placement: str = "memory-proportional"  # placement-strategy plugin that splits the layers over the workers
+    output_local: bool = True  # keep the output layer on the target's own machine (hidden states cross the network, not float32 logits)
+    connect_timeout: float = 5.0  # seconds a worker has to answer the RPC handshake
+    rejoin_timeout: float = 600.0  # after a worker drops: seconds to wait for it to come back before giving up
+
+
 class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """One way of running the proxy."""
 
@@ -60,6 +89,7 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     target: BackendConfig | None = None  # the model whose output is served
     draft: BackendConfig | None = None  # the cheap model that proposes tokens
     speculation: SpeculationConfig = msgspec.field(default_factory=SpeculationConfig)  # settings of the speculative mode
+    cluster: ClusterConfig | None = None  # rpc-servers the target runs on (cluster mode; combined mode with speculation)
 
 
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -85,7 +85,8 @@ def create_app(st: ServerState, bind_host: str = "127.0.0.1") -> QuartTrio:
         return json_response({"profile": st.profile_name, "mode": st.mode.name,
                       "uptime_s": round(time.time() - st.started, 1),
                       "served_model": await st.served_model(), "backends": checks,
-                      "mode_status": st.mode.status()})
+                      "mode_status": st.mode.status(),
+                      "cluster": st.pool.status() if st.pool is not None else None})
 
     @app.get("/metrics")
     async def prom() -> Response:

@@ -7,15 +7,18 @@ import time
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
 
 from tightwad_core.chat.tools import ToolFormat, format_for
 from tightwad_core.config.profiles import Profile
-from tightwad_core.errors import BadRequest, NotFound, TightwadError, UnsupportedParam
+from tightwad_core.errors import BackendError, BadRequest, NotFound, TightwadError, UnsupportedParam
 from tightwad_core.roles import Backend, Mode
+
+if TYPE_CHECKING:
+    from tightwad_core.cluster.pool import RpcPool
 
 #: Parameters that would let a request escape the proxy's limits or reach
 #: into other clients' state on a llama.cpp server; never passed on.
@@ -42,6 +45,7 @@ class ServerState:
     mode: Mode
     backends: dict[str, Backend]
     api_key: str | None
+    pool: RpcPool | None = None  # the target's rpc-server pool (cluster and combined mode)
     started: float = field(default_factory=time.time)
     _served: str | None = None
     _tool_format: ToolFormat | None = None
@@ -75,8 +79,12 @@ class ServerState:
         return self._served
 
     def public(self, exc: TightwadError) -> TightwadError:
-        """``exc`` as a client may see it (see `scrub`; the log keeps the original)."""
+        """``exc`` as a client may see it (see `scrub`; the log keeps the
+        original). A backend failure says which pool worker dropped, if one did."""
         exc.message = self.scrub(exc.message)
+        drop = self.pool.recent_drop() if self.pool is not None else None
+        if drop and isinstance(exc, BackendError) and drop not in exc.message:
+            exc.message = f"{exc.message}; {drop}"
         return exc
 
     def scrub(self, text: str) -> str:

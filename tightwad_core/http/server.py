@@ -13,12 +13,15 @@ from typing import Any
 
 import trio
 
+from tightwad_core.cluster.pool import RpcPool
 from tightwad_core.config.profiles import ConfigError, Profile, is_loopback, parse_listen, secret
 from tightwad_core.http.app import create_app
 from tightwad_core.http.common import ServerState
 from tightwad_core.http.serving import serve_app
 from tightwad_core.plugins import Registry, load_registry
-from tightwad_core.roles import Backend, BackendContext, ModeContext
+from tightwad_core.roles import POOL_CAPABILITY, Backend, BackendContext, ModeContext
+from tightwad_core.runtime.procs import StartupError
+from tightwad_core.runtime.rpc import RpcError
 
 log = logging.getLogger("tightwad")
 
@@ -33,7 +36,8 @@ class Running:
 
 
 def build_backends(profile_name: str, profile: Profile, registry: Registry, config_dir: Path,
-                   run_dir: Path, roles: tuple[str, ...]) -> dict[str, Backend]:
+                   run_dir: Path, roles: tuple[str, ...], pool: RpcPool | None = None,
+                   ) -> dict[str, Backend]:
     backends: dict[str, Backend] = {}
     for role in roles:
         cfg = getattr(profile, role, None)
@@ -43,10 +47,16 @@ def build_backends(profile_name: str, profile: Profile, registry: Registry, conf
             factory = registry.backend(cfg.backend)
         except KeyError as exc:
             raise ConfigError(f"profile {profile_name!r}: field '{role}.backend': {exc.args[0]}") from None
+        on_pool = pool if role == "target" else None
         try:
-            backends[role] = factory(cfg, BackendContext(role=role, config_dir=config_dir, run_dir=run_dir))
+            backends[role] = factory(cfg, BackendContext(role=role, config_dir=config_dir,
+                                                         run_dir=run_dir, pool=on_pool))
         except ConfigError as exc:
             raise ConfigError(f"profile {profile_name!r}: {exc}") from None
+        if on_pool is not None and POOL_CAPABILITY not in backends[role].capabilities:
+            raise ConfigError(f"profile {profile_name!r}: the target backend {cfg.backend!r} cannot "
+                              "be placed on a [cluster] pool (it has to launch a llama.cpp engine "
+                              "from `model_path`)")
     return backends
 
 
@@ -73,10 +83,23 @@ async def serve_profile(
                           f"neither `api_key` nor the variable named by `api_key_env` is set")
     run_dir = run_dir or Path(tempfile.mkdtemp(prefix="tightwad-run-"))
     roles = tuple(mode_factory.roles)
-    backends = build_backends(profile_name, profile, registry, config_dir, run_dir, roles)
+    pool = None
+    if profile.cluster is not None:
+        try:
+            pool = RpcPool.from_registry(profile.cluster, registry, run_dir)
+        except ConfigError as exc:
+            raise ConfigError(f"profile {profile_name!r}: {exc}") from None
+    backends = build_backends(profile_name, profile, registry, config_dir, run_dir, roles, pool)
     shutdown = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
+            if pool is not None:
+                log.info("starting the pool: %s", ", ".join(
+                    f"{m.name} ({m.transport.describe()})" for m in pool.members))
+                try:
+                    await nursery.start(pool.serve)
+                except RpcError as exc:
+                    raise StartupError(f"profile {profile_name!r}: {exc}") from None
             for role, backend in backends.items():
                 log.info("starting %s backend %s", role, backend.kind)
                 await nursery.start(backend.serve)
@@ -89,7 +112,7 @@ async def serve_profile(
                 await mode.start()
             except ConfigError as exc:
                 raise ConfigError(f"profile {profile_name!r}: {exc}") from None
-            state = ServerState(profile_name, profile, mode, backends, api_key)
+            state = ServerState(profile_name, profile, mode, backends, api_key, pool=pool)
             app = create_app(state, bind_host=host)
             async def http(task_status: trio.TaskStatus[list[str]]) -> None:
                 await serve_app(app, host, port, shutdown, task_status=task_status)

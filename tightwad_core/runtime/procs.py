@@ -14,7 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -77,20 +77,31 @@ def log_tail(path: Path, lines: int = 8) -> str:
 
 
 class Supervised:
-    """One supervised child process; run `serve` in a nursery."""
+    """One supervised child process; run `serve` in a nursery.
+
+    Healthy once ``health_url`` answers 200 (or ``ready()`` says True, for
+    processes that speak no HTTP). ``before_start`` runs before every start
+    (e.g. waiting for the machines a process needs); its exception ends the
+    supervision."""
 
     def __init__(
         self,
         name: str,
         argv: Sequence[str],
         log_path: Path,
-        health_url: str,
+        health_url: str | None,
         *,
+        ready: Callable[[], Awaitable[bool]] | None = None,
+        before_start: Callable[[], Awaitable[None]] | None = None,
+        env: dict[str, str] | None = None,
         startup_timeout: float = 180.0,
         restart: bool = True,
         max_backoff: float = 30.0,
     ) -> None:
         self.name = name
+        self.ready = ready
+        self.before_start = before_start
+        self.env = {**os.environ, **env} if env else None
         self.argv = [str(a) for a in argv]
         self.log_path = log_path
         self.health_url = health_url
@@ -107,10 +118,12 @@ class Supervised:
         backoff = 0.5
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         while True:
+            if self.before_start is not None:
+                await self.before_start()
             with open(self.log_path, "ab") as logf:
                 proc = await trio.lowlevel.open_process(
                     self.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                    start_new_session=True,
+                    start_new_session=True, env=self.env,
                 )
             self.pid = proc.pid
             try:
@@ -150,12 +163,16 @@ class Supervised:
                             f"{self.name} exited with status {proc.returncode} while starting; "
                             f"log {self.log_path}:\n{log_tail(self.log_path)}"
                         )
-                    try:
-                        r = await client.get(self.health_url)
-                        if r.status_code == 200:
+                    if self.ready is not None:
+                        if await self.ready():
                             return
-                    except httpx.TransportError:
-                        pass
+                    elif self.health_url is not None:
+                        try:
+                            r = await client.get(self.health_url)
+                            if r.status_code == 200:
+                                return
+                        except httpx.TransportError:
+                            pass
                     await trio.sleep(0.1)
             if scope.cancelled_caught:
                 raise StartupError(

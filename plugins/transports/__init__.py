@@ -1,0 +1,1 @@
+"""Transports: how the coordinator reaches the rpc-servers of a cluster."""

@@ -1,0 +1,326 @@
+"""The pool: the rpc-servers a profile's target is placed on.
+
+Each worker is reached through its transport plugin. llama.cpp never talks to
+a worker directly: it connects to a relay on loopback, one per worker, that
+opens the transport for every connection. The relay counts bytes and round
+trips per worker and sees which worker ended a connection first, so when
+llama.cpp aborts on a broken RPC socket (it does: the whole process) the pool
+can say which worker dropped, wait for it, and let the supervisor restart
+the target.
+
+A worker marked ``launch`` gets an rpc-server started (and restarted) here:
+the one-machine test bed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from tightwad_core.bench.link import LinkStats, relay
+from tightwad_core.cluster.sizes import human, parse_size
+from tightwad_core.config.schema import ClusterConfig, ConfigError, RpcWorkerConfig
+from tightwad_core.runtime.rpc import RpcError, RpcInfo, engine_version, probe_stream, refusal
+
+if TYPE_CHECKING:
+    from tightwad_core.plugins import Registry
+    from tightwad_core.roles import PlacementStrategy, Transport
+    from tightwad_core.runtime.procs import Supervised
+
+log = logging.getLogger("tightwad.cluster")
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """llama.cpp's view of a placement: endpoints, devices, layers, split."""
+
+    endpoints: list[str]  # the relays, in worker order
+    n_devices: int        # RPC devices over all workers (RPC0, RPC1, ...)
+    n_gpu_layers: int     # layers offloaded to them
+    split: list[int]      # layers per device
+
+    def args(self, devices: bool = True) -> list[str]:
+        """The flags llama-server (and `tightwad worker`) take for it;
+        ``devices``: name the RPC devices with ``--device`` (without it
+        llama-server keeps the layers on its own machine)."""
+        out = ["--rpc", ",".join(self.endpoints)]
+        if devices:
+            out += ["--device", ",".join(f"RPC{i}" for i in range(self.n_devices))]
+        return out + ["--n-gpu-layers", str(self.n_gpu_layers),
+                      "--tensor-split", ",".join(str(c) for c in self.split)]
+
+
+@dataclass
+class Member:
+    """One worker of the pool and what the pool knows about it."""
+
+    cfg: RpcWorkerConfig
+    transport: Transport
+    stats: LinkStats = field(default_factory=LinkStats)
+    endpoint: str = ""          # the loopback relay llama.cpp connects to
+    info: RpcInfo | None = None  # from the last handshake
+    state: str = "starting"     # "up", "down" (cannot be reached) or "dropped" (ended a live connection)
+    detail: str = ""
+    drops: int = 0
+    dropped_at: float | None = None
+    process: Supervised | None = None  # the rpc-server started here (launch = true)
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+
+class RpcPool:
+    """Run `serve` in a nursery before the target starts; then `plan` gives
+    the target its ``--rpc`` endpoints and split."""
+
+    def __init__(self, cluster: ClusterConfig, transports: Mapping[str, Any],
+                 placement: PlacementStrategy, run_dir: Path) -> None:
+        self.cluster = cluster
+        self.placement = placement
+        self.run_dir = run_dir
+        self.members: list[Member] = []
+        for w in cluster.workers:
+            try:
+                factory = transports[w.transport]
+            except KeyError:
+                known = ", ".join(sorted(transports)) or "none"
+                raise ConfigError(f"cluster worker {w.name!r}: no transport named {w.transport!r} "
+                                  f"(known: {known})") from None
+            self.members.append(Member(w, factory(w)))
+        self.split: dict[str, int] = {}  # device -> layers, from the last `server_args`
+        self.started = False
+
+    @classmethod
+    def from_registry(cls, cluster: ClusterConfig, registry: Registry, run_dir: Path) -> RpcPool:
+        try:
+            placement = registry.get("placement_strategies", cluster.placement)()
+        except KeyError as exc:
+            raise ConfigError(f"field 'cluster.placement': {exc.args[0]}") from None
+        return cls(cluster, dict(registry.entries.get("transports", {})), placement, run_dir)
+
+    # ------------------------------------------------------------------ serving
+
+    async def serve(self, *, task_status: trio.TaskStatus[RpcPool] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start launched rpc-servers and the relays, handshake every worker
+        (RpcError naming the first that fails), then serve until cancelled."""
+        from tightwad_core.runtime.procs import StartupError
+
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            try:
+                for m in self.members:
+                    if m.cfg.launch:
+                        m.process = self._launch(m)
+                        await nursery.start(m.process.serve)
+                for m in self.members:
+                    m.endpoint = await nursery.start(self._relay, m)
+                await self.check()
+            except (RpcError, StartupError, OSError) as exc:  # one line for the user, unwrapped
+                failure = exc
+                nursery.cancel_scope.cancel()
+            else:
+                self.started = True
+                task_status.started(self)
+        if failure is not None:
+            raise failure
+
+    def _launch(self, m: Member) -> Supervised:
+        from tightwad_core.runtime.procs import Supervised, find_engine
+
+        argv = [str(find_engine("rpc-server")), "-H", m.cfg.host, "-p", str(m.cfg.port)]
+        if m.cfg.threads:
+            argv += ["-t", str(m.cfg.threads)]
+        argv += list(m.cfg.extra_args)
+        return Supervised(f"rpc-server {m.name}", argv, self.run_dir / f"rpc-server-{m.name}.log",
+                          None, ready=partial(_listening, m.cfg.host, m.cfg.port),
+                          startup_timeout=60, env=dict(m.cfg.env))
+
+    async def _relay(self, m: Member, *, task_status: trio.TaskStatus[str]) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        try:
+            port = listeners[0].socket.getsockname()[1]
+            task_status.started(f"127.0.0.1:{port}")
+            await trio.serve_listeners(partial(self._connection, m), listeners)
+        finally:
+            for listener in listeners:
+                listener.socket.close()
+
+    async def _connection(self, m: Member, client: trio.SocketStream) -> None:
+        m.stats.connections += 1
+        m.stats.active += 1
+        try:
+            async with client:
+                try:
+                    upstream = await m.transport.connect()
+                except RpcError as exc:
+                    m.stats.failed += 1
+                    self._mark(m, "down", str(exc))
+                    return
+                async with upstream:
+                    ended = await relay(client, upstream, m.transport.link, m.stats)
+                if ended == "upstream":
+                    self._mark(m, "dropped", "it closed the connection")
+        finally:
+            m.stats.active -= 1
+
+    def _mark(self, m: Member, state: str, detail: str) -> None:
+        if state in ("down", "dropped") and m.state == "up":
+            m.drops += 1
+            m.dropped_at = time.time()
+            log.error("rpc worker %r (%s) dropped out of the pool: %s", m.name,
+                      m.transport.describe(), detail)
+        m.state, m.detail = state, detail
+
+    # ------------------------------------------------------------------ health
+
+    async def probe(self, m: Member) -> RpcInfo:
+        """Handshake with one worker through its transport (not while the
+        target holds its connection: rpc-server serves one client at a time)."""
+        timeout = self.cluster.connect_timeout
+        with trio.fail_after(timeout * 3):
+            stream = await m.transport.connect()
+        async with stream:
+            return await probe_stream(stream, f"{m.name!r} ({m.transport.describe()})", timeout)
+
+    async def check(self) -> None:
+        """Handshake with every worker; RpcError naming the first one that is
+        down, busy, not an rpc-server, or of another RPC protocol version."""
+        ours = engine_version()
+        for m in self.members:
+            try:
+                info = await self.probe(m)
+            except trio.TooSlowError:
+                self._mark(m, "down", f"rpc worker {m.name!r} did not answer")
+                raise RpcError(f"rpc worker {m.name!r} ({m.transport.describe()}) did not answer "
+                               "the RPC handshake") from None
+            except RpcError as exc:
+                self._mark(m, "down", str(exc))
+                raise
+            why = refusal(f"{m.name!r} ({m.transport.describe()})", info.version, ours) if ours else None
+            if why:
+                self._mark(m, "down", why)
+                raise RpcError(why)
+            m.info = info
+            if m.state != "up":
+                log.info("rpc worker %s up: protocol %s, %s free (%s)", m.name, info.version,
+                         human(info.free), m.transport.describe())
+            m.state, m.detail = "up", ""
+
+    async def wait_ready(self) -> None:
+        """Before the target (re)starts: handshake every worker, waiting up to
+        ``rejoin_timeout`` for one that dropped to come back."""
+        deadline = trio.current_time() + self.cluster.rejoin_timeout
+        said = ""
+        while True:
+            try:
+                await self.check()
+                return
+            except RpcError as exc:
+                if trio.current_time() >= deadline:
+                    raise RpcError(f"{exc} (waited {self.cluster.rejoin_timeout:g}s for it)") from None
+                if str(exc) != said:
+                    log.warning("waiting for the pool: %s", exc)
+                    said = str(exc)
+            await trio.sleep(1.0)
+
+    def recent_drop(self, within: float = 300.0) -> str | None:
+        """What to tell a client whose request failed: the worker that dropped lately."""
+        now = time.time()
+        hits = [m for m in self.members if m.dropped_at is not None and now - m.dropped_at < within]
+        if not hits:
+            return None
+        m = max(hits, key=lambda x: x.dropped_at or 0)
+        why = "it cannot be reached" if m.state == "down" else (
+            "it closed the connection" if m.state == "dropped" else "it is back")
+        return f"rpc worker {m.name!r} dropped out of the pool ({why})"
+
+    # ------------------------------------------------------------------ placement
+
+    def devices(self) -> dict[str, int]:
+        """Every RPC device of the pool, in llama.cpp's order, with the memory
+        the model may use on it (the worker's `memory`, else what it reports free)."""
+        out: dict[str, int] = {}
+        for m in self.members:
+            devs = m.info.devices if m.info and m.info.devices else ()
+            offered = parse_size(m.cfg.memory) if m.cfg.memory else None
+            if not devs:
+                out[f"{m.name}/0"] = offered or 0
+                continue
+            free = sum(d.free for d in devs) or 1
+            for i, d in enumerate(devs):
+                out[f"{m.name}/{i}"] = int(offered * d.free / free) if offered else d.free
+        return out
+
+    async def plan(self, model_file: Path) -> PoolPlan:
+        """Where the model's layers go: the placement strategy's split of the
+        repeating layers over the pool's devices (the output layer stays on
+        the target's machine when ``output_local``)."""
+        layers, n_layer = await trio.to_thread.run_sync(layer_sizes, model_file)
+        devices = self.devices()
+        try:
+            assigned = self.placement.assign(layers, devices)
+        except ValueError as exc:
+            raise ConfigError(f"cluster placement ({self.placement.name}): {exc}") from None
+        counts = {d: 0 for d in devices}
+        for dev in assigned.values():
+            counts[dev] += 1
+        self.split = counts
+        log.info("placement %s: %s%s", self.placement.name,
+                 ", ".join(f"{d} {c} layers" for d, c in counts.items()),
+                 ", output layer local" if self.cluster.output_local else "")
+        return PoolPlan([m.endpoint for m in self.members], len(devices),
+                        n_layer if self.cluster.output_local else n_layer + 1, list(counts.values()))
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        workers = []
+        for m in self.members:
+            info = m.info
+            workers.append({
+                "name": m.name, "transport": m.transport.describe(), "state": m.state,
+                "detail": m.detail, "protocol": str(info.version) if info else None,
+                "devices": [{"free": d.free, "total": d.total} for d in info.devices] if info else [],
+                "memory_offered": parse_size(m.cfg.memory) if m.cfg.memory else None,
+                "layers": sum(c for d, c in self.split.items() if d.split("/")[0] == m.name),
+                "drops": m.drops, "launched": m.cfg.launch,
+                "restarts": m.process.restarts if m.process else None,
+                "connections": m.stats.connections, "bytes_up": m.stats.bytes_up,
+                "bytes_down": m.stats.bytes_down, "round_trips": m.stats.round_trips,
+            })
+        return {"placement": self.placement.name, "output_local": self.cluster.output_local,
+                "engine_protocol": str(engine_version() or "unknown"), "workers": workers}
+
+
+async def _listening(host: str, port: int) -> bool:
+    try:
+        stream = await trio.open_tcp_stream(host, port)
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
+
+
+def layer_sizes(model_file: Path) -> tuple[dict[str, int], int]:
+    """Bytes of each repeating layer (``blk.N``) of a GGUF, in order, and the block count."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(model_file))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the model {model_file}: {exc}") from None
+    sizes: dict[int, int] = {}
+    for t in reader.tensors:
+        parts = t.name.split(".")
+        if parts[0] == "blk" and len(parts) > 1 and parts[1].isdigit():
+            sizes[int(parts[1])] = sizes.get(int(parts[1]), 0) + int(t.n_bytes)
+    n = max(sizes) + 1 if sizes else 0
+    return {f"blk.{i}": sizes.get(i, 0) for i in range(n)}, n
