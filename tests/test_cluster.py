@@ -108,7 +108,32 @@ async def test_profile_on_a_pool_gives_the_local_tokens(nursery, tmp_path, model
     # the launched target really runs on the pool: its command line names the relays
     args = pooled.state.backends["target"].process.argv  # type: ignore[attr-defined]
     assert args[args.index("--device") + 1] == "RPC0,RPC1"
-    assert args[args.index("--n-gpu-layers") + 1] == "4" and "--tensor-split" in args
+    # all 4 + 1 layers offloaded (llama.cpp offloads the last N), the output layer's
+    # tensors pulled back here; its slot in the split goes to the last device
+    assert args[args.index("--n-gpu-layers") + 1] == "5"
+    assert args[args.index("--tensor-split") + 1] == "2,3"
+    assert args[args.index("--override-tensor") + 1].endswith("=CPU")
+
+
+async def test_output_layer_kept_local_sends_hidden_states_not_logits(nursery, tmp_path, model):
+    """With the output layer on the pool, the last worker sends back a row
+    of logits per position; kept here, a hidden state: fewer bytes."""
+    got = {}
+    for local in (True, False):
+        running = await start_proxy(nursery, _profile(model, [_launched("a"), _launched("b")],
+                                                      output_local=local),
+                                    tmp_path / str(local), f"p{local}")
+        pool = running.state.pool
+        assert pool is not None
+        async with httpx.AsyncClient(timeout=60) as c:
+            await c.post(running.url + "/v1/completions", json=BODY)  # warm
+            before = pool.members[1].stats.bytes_down
+            r = await c.post(running.url + "/v1/completions", json={**BODY, "prompt": "zz top"})
+            got[local] = ((pool.members[1].stats.bytes_down - before) /
+                          r.json()["usage"]["completion_tokens"], r.json()["choices"][0]["text"])
+        running.shutdown.set()
+    assert got[True][1] == got[False][1]
+    assert got[True][0] < got[False][0]
 
 
 async def test_a_worker_down_at_start_is_named(tmp_path, model):
@@ -337,3 +362,38 @@ memory = "3GiB"
     assert gone.returncode == 1 and "nothing was started" in gone.stdout
     with httpx.Client() as c, pytest.raises(httpx.ConnectError):
         c.get(f"http://127.0.0.1:{port}/health")
+
+
+async def test_bench_of_a_cluster_profile_times_the_pool_alone(tmp_path: Path) -> None:
+    """`tightwad bench` on a combined test bed: the pool alone (a stock
+    llama-server over its own rpc-servers and links) is the baseline, and
+    round trips and bytes per token are counted for every side."""
+    from tightwad_core.bench.link import LinkSpec
+    from tightwad_core.bench.run import run_bench
+    from tightwad_core.testing.tinymodels import tiny_pair
+
+    draft, target = tiny_pair(tmp_path / "pair", seed=0)
+    prof = msgspec.convert({
+        "mode": "speculative", "listen": "127.0.0.1:0",
+        "target": {"backend": "worker", "model_path": str(target), "ctx_size": 512,
+                   "parallel": 1, "threads": 1},
+        "draft": {"backend": "llama-server", "model_path": str(draft), "ctx_size": 512,
+                  "parallel": 1, "threads": 1},
+        "speculation": {"max_draft_tokens": 3, "verifier": "worker"},
+        "cluster": {"workers": [_launched("a", port=0, transport="emulated", delay="50ms"),
+                                _launched("b", port=0, transport="emulated", delay="50ms")]},
+    }, Profile)
+    report = await run_bench("bed", prof, config_dir=tmp_path, prompts=["the cat sat on"],
+                             max_tokens=12, link=LinkSpec(0.002), run_dir=tmp_path / "run")
+    cfg, totals = report["config"], report["totals"]
+    assert "own pool of 2 rpc-servers" in cfg["baseline"]
+    assert [w["name"] for w in cfg["pool"]] == ["a", "b"]
+    assert all("2 ms each way" in w["transport"] for w in cfg["pool"])  # --link-delay went to the pool
+    assert totals["baseline_tok_s"] and totals["speedup_vs_baseline"]
+    net = report["network"]
+    assert set(net) == {"direct", "proxy", "baseline"}
+    for side in net.values():
+        assert side["tokens"] > 0 and side["round_trips_per_token"] > 0 and side["bytes_per_token"] > 0
+    # one token per step: at least one round trip per worker per token alone; fewer speculating
+    assert net["direct"]["round_trips_per_token"] >= 2
+    assert net["proxy"]["round_trips_per_token"] < net["direct"]["round_trips_per_token"]

@@ -57,6 +57,7 @@ ALLOWED = {
     ("config/schema.py", "direct"),  # the mode a profile gets when it names none
     ("http/openai.py", "openai"),  # the blueprint's name
     ("http/ollama.py", "ollama"),  # the blueprint's name
+    ("bench/run.py", "llama-server"),  # the stock coordinator of the pool-alone side
     ("config/schema.py", "tcp"),  # the transport a cluster worker gets when it names none
     ("config/schema.py", "memory-proportional"),  # the placement a cluster gets by default
 }

@@ -173,3 +173,21 @@ def test_dense_and_sparse_rows_accept_alike() -> None:
             a = accept_sampled(sparse, q, draft, np.random.default_rng(seed))
             b = accept_sampled(dense, q, draft, np.random.default_rng(seed))
             assert a == b, (seed, draft)
+
+
+def test_auto_k_explores_and_keeps_prefill_out():
+    dl = DraftLength(pinned=None, k_max=8)
+    dl.observe_relay(20, 4.0)
+    seen = []
+    for i in range(40):  # verify ~200 ms whatever K, draft 10 ms per token
+        k = dl.k()
+        seen.append(k)
+        dl.observe_round(k, max(0, k - 1), 0.01 * k, 0.2 + 0.002 * k, prefill=i % 10 == 0)
+    assert len(set(seen[:6])) == 6  # the first rounds try a spread of K on purpose
+    settled = dl.best_k()
+    assert set(seen[10:]) - {settled} and all(abs(k - settled) <= 1 for k in seen[20:])
+    assert len(set(dl.snapshot()["ks_measured"])) >= 2  # type: ignore[arg-type]
+    # a round that carries the prompt's prefill does not move the costs
+    before = (dl.draft_s_per_token, list(dl._rounds))
+    dl.observe_round(4, 3, 5.0, 9.0, prefill=True)
+    assert (dl.draft_s_per_token, list(dl._rounds)) == before

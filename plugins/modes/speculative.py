@@ -197,17 +197,20 @@ class SpeculativeMode:
         # the same defaults as the speculative path (OpenAI's temperature 1), not the server's
         # and the sampler a verifier checks against, without a server's extra default samplers
         req = msgspec.structs.replace(req, temperature=s.temperature, top_p=s.top_p, exact_sampler=True)
+        first: float | None = None  # when the first token came: the rate excludes the prefill
         async with aclosing(self.target.stream(req)) as it:
             async for d in it:
                 parts.append(d.text)
+                if first is None and d.text:
+                    first = time.perf_counter()
                 if d.finish_reason is not None:
                     # measured before the last delta goes out: a consumer may close
                     # this generator as soon as it has the finish
-                    seconds = time.perf_counter() - t0
+                    seconds = time.perf_counter() - (first if first is not None else t0)
                     tokens = d.usage.completion_tokens if d.usage is not None else None
                     if tokens is None and self.text is not None:  # no usage in the target's stream
                         tokens = len(await self.text.tokenize("".join(parts), special=False))
-                    self.draft_length.observe_relay(tokens or 0, seconds)
+                    self.draft_length.observe_relay((tokens or 0) - (first is not None), seconds)
                 yield d
 
     def status(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ verification (and drafting), plus plain OpenAI routes."""
 from __future__ import annotations
 
 import logging
+import re
 import signal
 from dataclasses import dataclass
 from functools import partial
@@ -44,7 +45,8 @@ async def serve_worker(model: Path, host: str = "127.0.0.1", port: int = 8090, *
                        queue_max: int = 64, queue_timeout: float = 120.0,
                        n_gpu_layers: int | None = None, devices: list[str] | None = None,
                        rpc: list[str] | None = None, kv_unified: bool = True,
-                       tensor_split: list[float] | None = None, verbose: bool = False,
+                       tensor_split: list[float] | None = None,
+                       overrides: list[tuple[str, str]] | None = None, verbose: bool = False,
                        task_status: trio.TaskStatus[RunningWorker] = trio.TASK_STATUS_IGNORED,
                        ) -> None:
     """Load the model (in a thread), then serve until cancelled or until the
@@ -65,7 +67,7 @@ async def serve_worker(model: Path, host: str = "127.0.0.1", port: int = 8090, *
         eng = await Engine.load(model, slots=slots, ctx=ctx, threads=threads,
                                 session_ttl=session_ttl, verbose=verbose,
                                 n_gpu_layers=n_gpu_layers, devices=devices, rpc=rpc,
-                                tensor_split=tensor_split,
+                                tensor_split=tensor_split, overrides=overrides,
                                 queue_max=queue_max, queue_timeout=queue_timeout,
                                 unified=kv_unified)
     except ValueError as exc:  # an unknown --device
@@ -135,6 +137,11 @@ async def _until_signal(**kw: Any) -> None:
 @click.option("--tensor-split", "-ts", "tensor_split", default=None, metavar="N[,N...]",
               help="Share of the offloaded layers per device, in device order (e.g. 3,1), as "
                    "llama.cpp's --tensor-split. Default: by each device's free memory.")
+@click.option("--override-tensor", "-ot", "override", default=None,
+              metavar="PATTERN=DEVICE[,...]",
+              help="Put the tensors whose names match a regular expression on a device, as "
+                   "llama.cpp's --override-tensor (e.g. 'ffn_.*_exps=CPU'). With --rpc and no "
+                   "--n-gpu-layers the output layer is kept here this way by default.")
 @click.option("--kv-unified/--no-kv-unified", default=True, show_default=True,
               help="One KV buffer shared by all sequences (prefixes can be shared between "
                    "them) or one per sequence.")
@@ -150,7 +157,8 @@ async def _until_signal(**kw: Any) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging, including llama.cpp's.")
 def worker_command(model_ref: str, host: str, port: int, slots: int, ctx: int,
                    queue_max: int, queue_timeout: float, n_gpu_layers: int | None,
-                   devices: str | None, rpc: str | None, tensor_split: str | None, kv_unified: bool,
+                   devices: str | None, rpc: str | None, tensor_split: str | None,
+                   override: str | None, kv_unified: bool,
                    threads: int | None, api_key: str | None, session_ttl: float,
                    max_tokens_limit: int, verbose: bool) -> None:
     """Serve one model for speculative decoding: each verify request checks K
@@ -176,12 +184,24 @@ def worker_command(model_ref: str, host: str, port: int, slots: int, ctx: int,
             _fail(f"--tensor-split expects numbers separated by commas, got {tensor_split!r}")
         if split and (any(x < 0 for x in split) or not sum(split) > 0):
             _fail("--tensor-split needs shares of zero or more that add up to more than zero")
+        pairs: list[tuple[str, str]] | None = None
+        if override:
+            pairs = []
+            for item in override.split(","):
+                pattern, eq, dev = item.rpartition("=")
+                if not (pattern and eq and dev):
+                    _fail(f"--override-tensor expects PATTERN=DEVICE[,...], got {override!r}")
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    _fail(f"--override-tensor: {pattern!r} is not a regular expression: {exc}")
+                pairs.append((pattern, dev))
         trio.run(partial(_until_signal, model=model, host=host, port=port, slots=slots, ctx=ctx,
                          threads=threads, api_key=api_key, session_ttl=session_ttl,
                          max_tokens_limit=max_tokens_limit, queue_max=queue_max,
                          queue_timeout=queue_timeout, n_gpu_layers=n_gpu_layers,
                          devices=dev_list, kv_unified=kv_unified, verbose=verbose,
-                         tensor_split=split,
+                         tensor_split=split, overrides=pairs,
                          rpc=[e.strip() for e in rpc.split(",") if e.strip()] if rpc else None))
     except KeyboardInterrupt:
         pass

@@ -117,6 +117,31 @@ def pick(names: list[str] | None, available: list[Device]) -> list[Device]:
     return chosen
 
 
+class _Override(ctypes.Structure):
+    """llama_model_tensor_buft_override: a tensor-name pattern and a buffer type."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def c_overrides(pairs: list[tuple[str, str]], available: list[Device]) -> Any:
+    """A NULL-terminated override array for llama_model_params.tensor_buft_overrides:
+    each (pattern, device name) puts matching tensors in that device's buffers
+    (keep a reference to it until the model is loaded)."""
+    lib = _lib()
+    lib.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
+    by_name = {d.name.lower(): d for d in available}
+    arr = (_Override * (len(pairs) + 1))()
+    for i, (pattern, name) in enumerate(pairs):
+        dev = by_name.get(name.lower())
+        if dev is None:
+            have = ", ".join(d.name for d in available) or "none"
+            raise ValueError(f"--override-tensor: no device named {name!r}; this build has: {have}")
+        arr[i].pattern = pattern.encode()
+        arr[i].buft = lib.ggml_backend_dev_buffer_type(dev.handle)
+    return arr
+
+
 def c_list(devices: list[Device]) -> Any:
     """A NULL-terminated ``ggml_backend_dev_t`` array for llama_model_params.devices
     (keep a reference to it until the model is loaded)."""

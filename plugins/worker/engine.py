@@ -71,10 +71,11 @@ class Engine:
     async def load(cls, path: Path, *, threads: int | None = None, verbose: bool = False,
                    n_gpu_layers: int | None = None, devices: list[str] | None = None,
                    rpc: list[str] | None = None, tensor_split: list[float] | None = None,
-                   **kw: Any) -> Engine:
+                   overrides: list[tuple[str, str]] | None = None, **kw: Any) -> Engine:
         def build() -> Engine:
             model = Model(path, threads=threads, verbose=verbose, n_gpu_layers=n_gpu_layers,
-                          devices=devices, rpc=rpc, tensor_split=tensor_split)
+                          devices=devices, rpc=rpc, tensor_split=tensor_split,
+                          overrides=overrides)
             try:
                 return cls(model, **kw)
             except BaseException:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from tightwad_core.cluster.pool import OUTPUT_LAYER
 from tightwad_core.runtime.procs import usable_cores
 from tightwad_core.vocab import Vocab, file_fingerprint
 from tightwad_plugins.worker import devices as devs
@@ -51,7 +52,8 @@ class Model:
 
     def __init__(self, path: Path, *, threads: int | None = None, verbose: bool = False,
                  n_gpu_layers: int | None = None, devices: list[str] | None = None,
-                 rpc: list[str] | None = None, tensor_split: list[float] | None = None) -> None:
+                 rpc: list[str] | None = None, tensor_split: list[float] | None = None,
+                 overrides: list[tuple[str, str]] | None = None) -> None:
         llama_cpp = _lib()
         _quiet(verbose)
         llama_cpp.llama_backend_init()
@@ -62,12 +64,19 @@ class Model:
         # the devices layers are offloaded to: the ones named, else the rpc-servers, else every GPU
         named = None if devices is None else [d for d in devices if d.lower() not in ("cpu", "none")]
         self.devices = pool if named is None and pool else devs.pick(named, self.available)
+        overrides = list(overrides or [])
         if n_gpu_layers is None and pool and self.devices == pool:
-            # every repeating layer on the pool, the output layer here: the last rpc-server
-            # would otherwise send float32 logits for every position back over the network
-            n_gpu_layers = _block_count(self.path)
+            # llama.cpp offloads the last N of the n + 1 layers (the output layer is the
+            # last): offload all, and keep the output layer here, or the last rpc-server
+            # sends float32 logits for every position back over the network
+            blocks = _block_count(self.path)
+            if blocks is not None:
+                n_gpu_layers = blocks + 1
+                if not overrides:
+                    overrides = [(OUTPUT_LAYER, "CPU")]
         n_layers = -1 if n_gpu_layers is None else n_gpu_layers
         self.n_gpu_layers = n_layers if self.devices else 0
+        self.overrides = overrides
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = self.n_gpu_layers
         self._dev_list = devs.c_list(self.devices)  # referenced until the model is freed
@@ -75,6 +84,9 @@ class Model:
         if tensor_split:  # share of the offloaded layers per device, in device order
             self._split = (ctypes.c_float * max(len(tensor_split), 128))(*tensor_split)
             params.tensor_split = ctypes.cast(self._split, ctypes.POINTER(ctypes.c_float))
+        if overrides:  # tensors whose name matches a pattern go to that device's buffers
+            self._overrides = devs.c_overrides(overrides, self.available)
+            params.tensor_buft_overrides = ctypes.cast(self._overrides, ctypes.c_void_p)
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not model:
             raise RuntimeError(f"llama.cpp could not load {path}")
@@ -154,7 +166,10 @@ class Model:
             return "all layers on the CPU"
         n = self.n_layer + 1 if self.n_gpu_layers < 0 else min(self.n_gpu_layers, self.n_layer + 1)
         names = ", ".join(d.line() for d in self.devices)
-        return f"{n} of {self.n_layer + 1} layers (with the output layer) on {names}"
+        text = f"the last {n} of {self.n_layer + 1} layers (the output layer is the last) on {names}"
+        if self.overrides:
+            text += "; overridden: " + ", ".join(f"{p}={d}" for p, d in self.overrides)
+        return text
 
     def close(self) -> None:
         if self.ptr:

@@ -43,13 +43,16 @@ from tightwad_core.bench.report import (
     first_difference,
     make_row,
 )
+from tightwad_core.cluster.pool import RpcPool
 from tightwad_core.config.profiles import BackendConfig, ConfigError, Profile, secret
+from tightwad_core.config.schema import ClusterConfig
 from tightwad_core.http.server import Running, serve_profile
 from tightwad_core.plugins import Registry, load_registry
 from tightwad_core.roles import BackendContext, TokenBackend
 from tightwad_core.vocab import Vocab
 
 WARMUP_TOKENS = 16
+POOL_ALONE = "llama-server"  # the stock coordinator a cluster profile is measured against
 
 #: ``progress(done, total, report)``: after start-up (done 0) and after each prompt;
 #: ``report`` is the JSON object of what has been measured so far.
@@ -84,6 +87,20 @@ class _Sides:
         self.proxy_client = proxy
         self.baseline = baseline
         self.baseline_is_direct = False  # the target is the baseline server itself
+        self.pools: dict[str, RpcPool] = {}  # side -> the rpc-server pool it runs on
+        self.net: dict[str, list[int]] = {}  # side -> [bytes, round trips, tokens] so far
+
+    async def timed_net(self, side: str, run: Any) -> Any:
+        """Run one side's request, adding the pool traffic it caused to ``net``."""
+        pool = self.pools.get(side)
+        before = _traffic(pool)
+        result = await run
+        after = _traffic(pool)
+        acc = self.net.setdefault(side, [0, 0, 0])
+        acc[0] += after[0] - before[0]
+        acc[1] += after[1] - before[1]
+        acc[2] += result.tokens
+        return result
 
     async def prompt_ids(self, prompt: str) -> list[int]:
         templated = await self.target.apply_template([{"role": "user", "content": prompt}])
@@ -151,13 +168,13 @@ async def _measure(sides: _Sides, item: dict[str, str], n: int, repeat: int, tur
     bases: list[DirectRun] = []
     diverged: Divergence | None = None
     async def run_direct() -> None:
-        directs.append(await sides.direct(ids, n))
+        directs.append(await sides.timed_net("direct", sides.direct(ids, n)))
 
     async def run_proxy() -> None:
-        proxies.append(await sides.proxy(ids, n))
+        proxies.append(await sides.timed_net("proxy", sides.proxy(ids, n)))
 
     async def run_base() -> None:
-        bases.append(await sides.direct(ids, n, baseline=True))
+        bases.append(await sides.timed_net("baseline", sides.direct(ids, n, baseline=True)))
 
     order = [run_direct, run_proxy] + ([run_base] if sides.baseline is not None else [])
     for r in range(repeat):
@@ -170,6 +187,50 @@ async def _measure(sides: _Sides, item: dict[str, str], n: int, repeat: int, tur
         bases = directs
     return make_row(item["prompt"], item.get("category") or None, directs, proxies, diverged,
                     bases or None)
+
+
+def _traffic(pool: RpcPool | None) -> tuple[int, int]:
+    if pool is None:
+        return 0, 0
+    return (sum(m.stats.bytes_up + m.stats.bytes_down for m in pool.members),
+            sum(m.stats.round_trips for m in pool.members))
+
+
+def _network(net: dict[str, list[int]]) -> dict[str, Any]:
+    """Per side: bytes and round trips to the pool per generated token."""
+    return {side: {"bytes": b, "round_trips": rt, "tokens": tok,
+                   "bytes_per_token": round(b / tok, 1) if tok else None,
+                   "round_trips_per_token": round(rt / tok, 3) if tok else None}
+            for side, (b, rt, tok) in net.items()}
+
+
+def bench_cluster(cluster: ClusterConfig, link: LinkSpec | None) -> ClusterConfig:
+    """The profile's pool with ``--link-delay``/``--link-bandwidth`` given to
+    its emulated workers (the network of a cluster lies inside the pool)."""
+    if link is None:
+        return cluster
+    workers = [msgspec.structs.replace(
+        w, delay=f"{link.delay * 1000:g}ms",
+        bandwidth=None if link.bandwidth is None else f"{link.bandwidth:g}")
+        if w.transport == "emulated" else w for w in cluster.workers]
+    return msgspec.structs.replace(cluster, workers=workers)
+
+
+def pool_alone(cluster: ClusterConfig) -> ClusterConfig:
+    """The same kind of workers for the pool-alone side (rpc-server serves one
+    client at a time, so it needs its own), with the output layer on the pool
+    as a stock `llama-server -ngl 99` puts it."""
+    if not all(w.launch for w in cluster.workers):
+        names = ", ".join(w.name for w in cluster.workers if not w.launch)
+        raise BenchError(f"the pool-alone side needs rpc-servers of its own, but {names} "
+                         "are not launched here (launch = true): bench a one-machine test bed such "
+                         "as combined-demo, or time the pool with `tightwad bench` on a "
+                         "profile without [cluster]")
+    from tightwad_core.runtime.procs import free_port
+
+    workers = [msgspec.structs.replace(w, name=f"{w.name}-alone", port=free_port())
+               for w in cluster.workers]
+    return msgspec.structs.replace(cluster, workers=workers, output_local=False)
 
 
 def _normalise(prompts: Sequence[str | dict[str, str]]) -> list[dict[str, str]]:
@@ -227,14 +288,25 @@ async def run_bench(
         factory = registry.backend(tcfg.backend)
     except KeyError as exc:
         raise ConfigError(f"profile {profile_name!r}: field 'target.backend': {exc.args[0]}") from None
-    target = factory(tcfg, BackendContext(role="target", config_dir=config_dir, run_dir=run_dir))
+    cluster = None if profile.cluster is None else bench_cluster(profile.cluster, link)
+    alone_cluster = cluster
+    if cluster is not None:
+        link = None  # the delay is the pool's, not between the target and its callers
+        baseline = baseline or POOL_ALONE  # what a user of the pool runs without speculation
+        alone_cluster = pool_alone(cluster)
+    pool = None if cluster is None else RpcPool.from_registry(cluster, registry, run_dir)
+    target = factory(tcfg, BackendContext(role="target", config_dir=config_dir, run_dir=run_dir,
+                                          pool=pool))
     if not isinstance(target, TokenBackend) or "tokens" not in target.capabilities:
         raise BenchError(f"profile {profile_name!r}: the bench calls the target directly too, with "
                          f"token ids, which the {tcfg.backend!r} backend cannot take")
     rows: list[dict[str, Any]] = []
     config: dict[str, Any] = {}
+    net: dict[str, list[int]] = {}
     try:
         async with trio.open_nursery() as nursery:
+            if pool is not None:
+                await nursery.start(pool.serve)
             await nursery.start(target.serve)
             health = await target.health()
             url = health.url or ""
@@ -251,7 +323,8 @@ async def run_bench(
             reached = msgspec.structs.replace(tcfg, url=url)
             proxied = msgspec.structs.replace(
                 profile, listen="127.0.0.1:0", speculation=spec,
-                max_tokens_limit=max(profile.max_tokens_limit, max_tokens), target=reached)
+                max_tokens_limit=max(profile.max_tokens_limit, max_tokens), target=reached,
+                cluster=None)
             running: Running = await nursery.start(partial(
                 serve_profile, profile_name, proxied, config_dir=config_dir, registry=registry,
                 listen="127.0.0.1:0", run_dir=run_dir))
@@ -264,14 +337,19 @@ async def run_bench(
             await nursery.start(direct.serve)
             base: TokenBackend | None = None
             extra: list[TokenBackend] = []  # closed at the end
-            if baseline is not None and tcfg.backend == baseline:
+            base_pool = None
+            if baseline is not None and tcfg.backend == baseline and cluster is None:
                 base = direct  # the direct side already is the baseline
             elif baseline is not None:
+                if alone_cluster is not None:  # the pool alone: its own rpc-servers, same links
+                    base_pool = RpcPool.from_registry(alone_cluster, registry, run_dir)
+                    await nursery.start(base_pool.serve)
                 bcfg = BackendConfig(backend=baseline, model_path=tcfg.model_path,
                                      ctx_size=tcfg.ctx_size, parallel=1, threads=tcfg.threads,
-                                     request_timeout=tcfg.request_timeout)
+                                     request_timeout=tcfg.request_timeout,
+                                     startup_timeout=tcfg.startup_timeout)
                 launched = registry.backend(baseline)(bcfg, BackendContext(
-                    role="baseline", config_dir=config_dir, run_dir=run_dir))
+                    role="baseline", config_dir=config_dir, run_dir=run_dir, pool=base_pool))
                 if not isinstance(launched, TokenBackend) or "tokens" not in launched.capabilities:
                     raise BenchError(f"--baseline {baseline}: the bench sends it token ids, which "
                                      "that backend cannot take")
@@ -310,13 +388,22 @@ async def run_bench(
                 "draft": _describe(profile.draft),
                 "baseline": None if baseline is None else (
                     f"{baseline} (the direct side)" if base is direct
-                    else f"{baseline} {tcfg.model_path}"),
+                    else f"{baseline} {tcfg.model_path}" + (
+                        f" on its own pool of {len(alone_cluster.workers)} rpc-servers (output "
+                        "layer on the pool)" if alone_cluster is not None else "")),
+                "pool": None if pool is None else [
+                    {"name": m.name, "transport": m.transport.describe()} for m in pool.members],
             }
             headers = {"authorization": f"Bearer {key}"} if key else {}
             async with httpx.AsyncClient(base_url=running.url, timeout=timeout, headers=headers) as pc:
                 sides = _Sides(direct, vocab, running, pc,
                                None if base is None or base is direct else base)
                 sides.baseline_is_direct = base is direct
+                if pool is not None:
+                    sides.pools = {"direct": pool, "proxy": pool}
+                    if base_pool is not None:
+                        sides.pools["baseline"] = base_pool
+                net = sides.net
                 ids = await sides.prompt_ids(items[0]["prompt"])
                 await sides.direct(ids, min(max_tokens, WARMUP_TOKENS))  # untimed warm-up, each way
                 await sides.proxy(ids, min(max_tokens, WARMUP_TOKENS))
@@ -338,7 +425,10 @@ async def run_bench(
             await target.aclose()
     if own_dir:
         shutil.rmtree(run_dir, ignore_errors=True)
-    return build_report(profile_name, config, rows)
+    report = build_report(profile_name, config, rows)
+    if cluster is not None:
+        report["network"] = _network(net)
+    return report
 
 
 __all__ = ["ProgressFn", "check_profile", "run_bench"]

@@ -22,6 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import trio
 
 from tightwad_core.bench.link import LinkStats, relay
@@ -37,14 +38,25 @@ if TYPE_CHECKING:
 log = logging.getLogger("tightwad.cluster")
 
 
+#: The output layer's tensors (and token_embd, which tied-embedding models
+#: reuse as the output matrix), pinned to the target's own CPU buffers.
+OUTPUT_LAYER = r"^output(_norm)?\.(weight|bias)$|^token_embd\.weight$"
+
+
 @dataclass(frozen=True)
 class PoolPlan:
-    """llama.cpp's view of a placement: endpoints, devices, layers, split."""
+    """llama.cpp's view of a placement: endpoints, devices, layers, split.
+
+    llama.cpp offloads the *last* ``--n-gpu-layers`` of the n + 1 layers
+    (the output layer counts as the last), so every layer is offloaded and,
+    with ``output_local``, the output layer is pulled back to the CPU with an
+    ``--override-tensor``; the split gives its slot to the last device."""
 
     endpoints: list[str]  # the relays, in worker order
     n_devices: int        # RPC devices over all workers (RPC0, RPC1, ...)
-    n_gpu_layers: int     # layers offloaded to them
-    split: list[int]      # layers per device
+    n_layer: int          # repeating layers of the model
+    split: list[int]      # repeating layers per device
+    output_local: bool
 
     def args(self, devices: bool = True) -> list[str]:
         """The flags llama-server (and `tightwad worker`) take for it;
@@ -53,8 +65,12 @@ class PoolPlan:
         out = ["--rpc", ",".join(self.endpoints)]
         if devices:
             out += ["--device", ",".join(f"RPC{i}" for i in range(self.n_devices))]
-        return out + ["--n-gpu-layers", str(self.n_gpu_layers),
-                      "--tensor-split", ",".join(str(c) for c in self.split)]
+        split = list(self.split)
+        split[-1] += 1  # the output layer's slot in llama.cpp's split
+        out += ["--n-gpu-layers", str(self.n_layer + 1), "--tensor-split", ",".join(map(str, split))]
+        if self.output_local:
+            out += ["--override-tensor", f"{OUTPUT_LAYER}=CPU"]
+        return out
 
 
 @dataclass
@@ -88,6 +104,10 @@ class RpcPool:
         self.run_dir = run_dir
         self.members: list[Member] = []
         for w in cluster.workers:
+            if w.launch and w.port == 0:  # a launched rpc-server on any free port
+                from tightwad_core.runtime.procs import free_port
+
+                w = msgspec.structs.replace(w, port=free_port())
             try:
                 factory = transports[w.transport]
             except KeyError:
@@ -276,8 +296,8 @@ class RpcPool:
         log.info("placement %s: %s%s", self.placement.name,
                  ", ".join(f"{d} {c} layers" for d, c in counts.items()),
                  ", output layer local" if self.cluster.output_local else "")
-        return PoolPlan([m.endpoint for m in self.members], len(devices),
-                        n_layer if self.cluster.output_local else n_layer + 1, list(counts.values()))
+        return PoolPlan([m.endpoint for m in self.members], len(devices), n_layer,
+                        list(counts.values()), self.cluster.output_local)
 
     # ------------------------------------------------------------------ status
 

@@ -46,7 +46,7 @@ class RpcWorkerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     name: str  # shown in status, logs and errors
     host: str = "127.0.0.1"  # the machine's address
-    port: int = 50052  # its rpc-server's port, or the port of its `tightwad rpc-worker` tunnel
+    port: int = 50052  # its rpc-server's port, or the port of its `tightwad rpc-worker` tunnel (0 with launch: any free port)
     transport: str = "tcp"  # plugin: "tcp" (loopback or a trusted network), "tls-token" (`tightwad rpc-worker`), "emulated" (a slow link, for test beds)
     memory: str | None = None  # memory the model may use there, e.g. "10GiB" (default: what the server reports free)
     fingerprint: str | None = None  # tls-token: SHA-256 of the worker's certificate, as `tightwad rpc-worker` prints it

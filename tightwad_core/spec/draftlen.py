@@ -16,6 +16,14 @@ k * d + v(k) seconds. K = 0 means: do not speculate, relay to the target,
 whose rate 1 / r is the bar every K must beat. Auto re-probes speculation
 every `probe_every` requests while relaying, so a change in load or network
 is noticed.
+
+Auto explores on purpose: its first rounds try a spread of K values, and
+every `explore_every`-th round after that tries a K next to the current
+best (one above or below, in turn), so the fit of v(k) always has rounds at
+more than one K and a slope it measured rather than assumed. Prompt prefill
+is kept out of the costs: a request's first round (whose verify and draft
+include evaluating the prompt) counts for acceptance only, and the relay's
+rate is timed from its first token on.
 """
 
 from __future__ import annotations
@@ -46,6 +54,10 @@ class DraftLength:
     _acc: float = 0.0  # decayed sums behind `acceptance`
     _trials: float = 0.0
     current: int = 4
+    explore_every: int = 8  # every Nth round tries a K next to the best one
+    seed_ks: tuple[int, ...] = (2, 5, 1, 8, 3, 6)  # the spread the first rounds try
+    _round_no: int = 0
+    _explore_turn: int = 0
 
     # ---- per request ------------------------------------------------------
 
@@ -64,14 +76,26 @@ class DraftLength:
     def k(self) -> int:
         if self.pinned is not None:
             return self.pinned
-        if self.draft_s_per_token is None or len(self._rounds) < 4:
-            return self.current
+        self._round_no += 1
+        if len(self._rounds) < len(self.seed_ks) or self.draft_s_per_token is None:
+            seeds = [k for k in self.seed_ks if k <= self.k_max] or [1]
+            return seeds[(self._round_no - 1) % len(seeds)]
         self.current = max(1, self.best_k())
+        if self._round_no % self.explore_every == 0:
+            self._explore_turn += 1
+            step = 1 if self._explore_turn % 2 else -1
+            probe = self.current + step
+            if not 1 <= probe <= self.k_max:
+                probe = self.current - step
+            return max(1, min(self.k_max, probe))
         return self.current
 
     # ---- observations -----------------------------------------------------
 
-    def observe_round(self, k: int, accepted: int, draft_s: float, verify_s: float) -> None:
+    def observe_round(self, k: int, accepted: int, draft_s: float, verify_s: float, *,
+                      prefill: bool = False) -> None:
+        """One round's outcome; ``prefill``: its costs include evaluating the
+        prompt (a request's first round), so only its acceptance is used."""
         if k > 0:
             # a is per token, given the ones before it were kept: a round that
             # kept n of k tried n + 1 tokens (n if all k were kept)
@@ -79,13 +103,17 @@ class DraftLength:
             self._acc = self._acc * (1 - self.alpha) + accepted
             self._trials = self._trials * (1 - self.alpha) + trials
             self.acceptance = self._acc / self._trials if self._trials else self.acceptance
+            if prefill:
+                return
             per = draft_s / k
             self.draft_s_per_token = per if self.draft_s_per_token is None else (
                 self.draft_s_per_token + self.alpha * (per - self.draft_s_per_token))
         self._rounds.append((k, verify_s))
 
     def observe_relay(self, tokens: int, seconds: float) -> None:
-        if tokens <= 0:
+        """``tokens`` generated in ``seconds``, timed after the first token
+        (so without the prompt's prefill)."""
+        if tokens <= 0 or seconds <= 0:
             return
         per = seconds / tokens
         self.relay_s_per_token = per if self.relay_s_per_token is None else (
@@ -121,4 +149,5 @@ class DraftLength:
             "draft_ms_per_token": None if self.draft_s_per_token is None else round(1000 * self.draft_s_per_token, 3),
             "relay_ms_per_token": None if self.relay_s_per_token is None else round(1000 * self.relay_s_per_token, 3),
             "best_k": self.best_k() if self.pinned is None and len(self._rounds) >= 4 and self.draft_s_per_token else None,
+            "ks_measured": sorted({k for k, _ in self._rounds}),
         }

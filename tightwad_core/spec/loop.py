@@ -172,7 +172,7 @@ async def speculate(
                 stats.gaps.extend(verdict.gaps)
             if proposal.tokens:
                 draft_length.observe_round(len(proposal.tokens), verdict.accepted, proposal.seconds,
-                                           verdict.seconds)
+                                           verdict.seconds, prefill=stats.rounds == 1)
             released = emitter.feed(new)
             if released:
                 yield Delta(text=released)
