@@ -250,44 +250,62 @@ async def test_tunnel_refuses_without_the_token_and_passes_nothing(nursery, tunn
     await stream.aclose()
 
 
-async def test_pool_through_the_tunnel_to_a_real_rpc_server(nursery, tmp_path, tunnel_identity,
-                                                             model, monkeypatch):
-    from tightwad_core.runtime.procs import Supervised, find_engine
+async def test_pool_through_rpc_worker(nursery, tmp_path, model, monkeypatch):
+    """`tightwad rpc-worker` (a real subprocess: rpc-server behind the tunnel)
+    serves a profile's target; the coordinator learns the worker's backend."""
+    from tightwad_core.runtime.engine import installed_backend
 
-    inner = free_port()
-
-    async def listening() -> bool:
-        try:
-            s = await trio.open_tcp_stream("127.0.0.1", inner)
-        except OSError:
-            return False
-        await s.aclose()
-        return True
-
-    server = Supervised("rpc-server", [str(find_engine("rpc-server")), "-H", "127.0.0.1", "-p",
-                                       str(inner), "-t", "1"], tmp_path / "rpc.log", None,
-                        ready=listening)
-    await nursery.start(server.serve)
     token = "s3cret-token-for-the-tunnel"
-    port, _ = await nursery.start(partial(serve_tunnel, "127.0.0.1", 0,
-                                          tunnel_identity.server_context(), token,
-                                          ("127.0.0.1", inner)))
-    monkeypatch.setenv("TW_TEST_TOKEN", token)
-    worker = {"name": "safe", "port": port, "transport": "tls-token",
-              "fingerprint": tunnel_identity.fingerprint.upper().replace("SHA256:", "sha256:"),
-              "token_env": "TW_TEST_TOKEN"}
-    running = await start_proxy(nursery, _profile(model, [worker]), tmp_path)
-    async with httpx.AsyncClient(timeout=60) as c:
-        r = await c.post(running.url + "/v1/completions", json=BODY)
-        status = (await c.get(running.url + "/v1/tightwad/status")).json()["cluster"]
-    assert r.status_code == 200 and r.json()["choices"][0]["text"]
-    w = status["workers"][0]
-    assert w["state"] == "up" and w["transport"].startswith("tls-token") and w["layers"] == 4
+    port = free_port()
+    env = {**os.environ, "TIGHTWAD_RPC_TOKEN": token}
+    state = tmp_path / "state"
+    proc = await trio.lowlevel.open_process(
+        [str(Path(sys.executable).parent / "tightwad"), "rpc-worker", "--listen",
+         f"127.0.0.1:{port}", "--state-dir", str(state), "-t", "1"], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with trio.fail_after(60):
+            while not (state / "cert.pem").is_file():
+                await trio.sleep(0.1)
+            fp = load_or_create(state).fingerprint
+            while True:
+                try:  # (closed at once: rpc-server serves one client at a time)
+                    await (await open_tunnel("127.0.0.1", port, fp, token, "w")).aclose()
+                    break
+                except rpc.RpcError:
+                    await trio.sleep(0.2)
+        monkeypatch.setenv("TW_TEST_TOKEN", token)
+        worker = {"name": "safe", "port": port, "transport": "tls-token",
+                  "fingerprint": fp.upper().replace("SHA256:", "sha256:"),
+                  "token_env": "TW_TEST_TOKEN"}
+        running = await start_proxy(nursery, _profile(model, [worker]), tmp_path)
+        async with httpx.AsyncClient(timeout=60) as c:
+            r = await c.post(running.url + "/v1/completions", json=BODY)
+            status = (await c.get(running.url + "/v1/tightwad/status")).json()["cluster"]
+        assert r.status_code == 200 and r.json()["choices"][0]["text"]
+        w = status["workers"][0]
+        assert w["state"] == "up" and w["transport"].startswith("tls-token") and w["layers"] == 4
+        assert w["backend"] == installed_backend()
+        running.shutdown.set()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await proc.wait() == 0  # a clean stop on SIGTERM
     # a profile without the token, or with a malformed fingerprint, does not start
     with pytest.raises(ConfigError, match="TW_TEST_UNSET is not set"):
         TlsTokenTransport(msgspec.convert({**worker, "token_env": "TW_TEST_UNSET"}, RpcWorkerConfig))
     with pytest.raises(ConfigError, match="bad certificate fingerprint"):
         TlsTokenTransport(msgspec.convert({**worker, "fingerprint": "abc"}, RpcWorkerConfig))
+
+
+def test_installed_backend_reads_the_build_flags(tmp_path: Path) -> None:
+    from tightwad_core.runtime import engine
+
+    stamp = tmp_path / "build-flags.json"
+    assert engine.installed_backend(stamp) is None
+    for gpu in ("cpu", "cuda", "rocm", "metal"):
+        stamp.write_text(json.dumps(engine.cmake_flags(gpu=gpu)))
+        assert engine.installed_backend(stamp) == gpu
 
 
 def test_rpc_worker_show_prints_a_profile_snippet(tmp_path: Path) -> None:
@@ -391,9 +409,9 @@ async def test_bench_of_a_cluster_profile_times_the_pool_alone(tmp_path: Path) -
     assert all("2 ms each way" in w["transport"] for w in cfg["pool"])  # --link-delay went to the pool
     assert totals["baseline_tok_s"] and totals["speedup_vs_baseline"]
     net = report["network"]
-    assert set(net) == {"direct", "proxy", "baseline"}
+    assert set(net) == {"target", "proxy", "baseline"}
     for side in net.values():
         assert side["tokens"] > 0 and side["round_trips_per_token"] > 0 and side["bytes_per_token"] > 0
     # one token per step: at least one round trip per worker per token alone; fewer speculating
-    assert net["direct"]["round_trips_per_token"] >= 2
-    assert net["proxy"]["round_trips_per_token"] < net["direct"]["round_trips_per_token"]
+    assert net["target"]["round_trips_per_token"] >= 2
+    assert net["proxy"]["round_trips_per_token"] < net["target"]["round_trips_per_token"]

@@ -58,6 +58,7 @@ ALLOWED = {
     ("http/openai.py", "openai"),  # the blueprint's name
     ("http/ollama.py", "ollama"),  # the blueprint's name
     ("bench/run.py", "llama-server"),  # the stock coordinator of the pool-alone side
+    ("bench/run.py", "emulated"),  # --link-delay sets the links of a pool's emulated workers
     ("config/schema.py", "tcp"),  # the transport a cluster worker gets when it names none
     ("config/schema.py", "memory-proportional"),  # the placement a cluster gets by default
 }

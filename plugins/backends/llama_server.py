@@ -13,15 +13,36 @@ import trio
 
 from tightwad_core.config.profiles import BackendConfig
 from tightwad_core.config.schema import ConfigError
+from tightwad_core.errors import BackendError
 from tightwad_core.hookspecs import hookimpl
 from tightwad_core.http.upstream import OpenAIHTTPBackend
 from tightwad_core.records import GenRequest, Health, TokenRun
 from tightwad_core.roles import POOL_CAPABILITY, BackendContext, BackendFactory
 from tightwad_core.runtime.catalog import resolve_model
-from tightwad_core.runtime.procs import Supervised, find_engine, free_port
+from tightwad_core.runtime.procs import StartupError, Supervised, find_engine, free_port
 from tightwad_core.spec.interfaces import SamplingParams
 from tightwad_core.vocab import Vocab, load_vocab
 from tightwad_plugins.backends.llama_wire import align_gaps, sampler_fields
+
+
+class _Launched:
+    """One supervised server running in its own cancel scope."""
+
+    def __init__(self, proc: Supervised) -> None:
+        self.proc = proc
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with self.scope:
+                await self.proc.serve(task_status=task_status)
+        finally:
+            self.done.set()
+
+    async def stop(self) -> None:
+        self.scope.cancel()
+        await self.done.wait()
 
 
 class LlamaServerBackend(OpenAIHTTPBackend):
@@ -35,6 +56,10 @@ class LlamaServerBackend(OpenAIHTTPBackend):
         super().__init__(config, context)
         self.process: Supervised | None = None
         self._props: dict[str, Any] | None = None
+        self._nursery: trio.Nursery | None = None
+        self._running: _Launched | None = None
+        self._swap_lock = trio.Lock()
+        self.swapping = ""  # what a swap on a pool is doing (the backend is down meanwhile)
         if config.model_path is not None:
             self.model_file: Path | None = resolve_model(config.model_path, context.config_dir)
         else:
@@ -43,17 +68,18 @@ class LlamaServerBackend(OpenAIHTTPBackend):
             raise ConfigError(f"{context.role}: a target on a [cluster] pool is launched here: "
                               "give `model_path`, not `url`")
 
-    def launch_argv(self, port: int) -> list[str]:
-        assert self.model_file is not None
+    def launch_argv(self, port: int, model_file: Path | None = None) -> list[str]:
+        model_file = model_file or self.model_file
+        assert model_file is not None
         cfg = self.config
         argv = [
             str(find_engine("llama-server")),
-            "--model", str(self.model_file),
+            "--model", str(model_file),
             "--host", "127.0.0.1",
             "--port", str(port),
             "--ctx-size", str(cfg.ctx_size * cfg.parallel),
             "--parallel", str(cfg.parallel),
-            "--alias", self.model_file.stem,
+            "--alias", model_file.stem,
             "--jinja",
             "--no-webui",
         ]
@@ -65,13 +91,24 @@ class LlamaServerBackend(OpenAIHTTPBackend):
         if self.config.url is not None or self.model_file is None:  # connect, never launch
             await super().serve(task_status=task_status)
             return
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._running, url = await self._launch(self.model_file)
+            self._open_client(url)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _launch(self, model_file: Path) -> tuple[_Launched, str]:
+        """Start a supervised server for ``model_file`` in this backend's nursery
+        and wait until it is healthy (StartupError otherwise)."""
+        assert self._nursery is not None
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        argv = self.launch_argv(port)
+        argv = self.launch_argv(port, model_file)
         pool = self.context.pool
         if pool is not None:  # the layers go to the cluster's rpc-servers
-            argv += (await pool.plan(self.model_file)).args(devices=self.pool_devices_flag)
-        self.process = Supervised(
+            argv += (await pool.plan(model_file)).args(devices=self.pool_devices_flag)
+        proc = Supervised(
             f"{self.kind} ({self.role})",
             argv,
             self.context.run_dir / f"{self.kind}-{self.role}.log",
@@ -80,14 +117,72 @@ class LlamaServerBackend(OpenAIHTTPBackend):
             restart=self.config.restart,
             before_start=pool.wait_ready if pool is not None else None,
         )
-        self._open_client(url)
-        await self.process.serve(task_status=task_status)
+        launched = _Launched(proc)
+        self.process = proc
+        await self._nursery.start(launched.run)
+        return launched, url
 
     async def health(self) -> Health:
+        if self.swapping:
+            return Health(ok=False, detail=self.swapping, url=self.base_url)
         h = await super().health()
         if self.process is not None and not self.process.healthy:
             return Health(ok=False, detail=f"restarting (restarts: {self.process.restarts})", url=self.base_url)
         return h
+
+    async def swap(self, model_file: Path, say: Callable[[str], None]) -> None:
+        """Serve ``model_file`` instead, saying each step. On one machine the
+        new server loads beside the old one, which keeps serving until the new
+        one is healthy; then new requests go to the new one and the old one
+        stops once its in-flight requests have finished. A pool serves one
+        coordinator at a time: in-flight requests finish, the old server
+        stops, the new one loads on the same workers (503 meanwhile)."""
+        if self._nursery is None or self._running is None or self.model_file is None:
+            raise BackendError(f"the {self.role} backend was not launched here: nothing to swap")
+        async with self._swap_lock:
+            old, old_file, old_client = self._running, self.model_file, self._client
+            if self.context.pool is None:
+                say(f"loading {model_file.name} beside {old_file.name} (which keeps serving)")
+                self._running, url = await self._launch(model_file)
+                self._switch(model_file, url)
+                say(f"{model_file.name} is healthy: new requests go to it")
+                await self._drain(old_client, say)
+                await old.stop()
+                say(f"{old_file.name} stopped")
+            else:
+                self.swapping = f"swapping to {model_file.name}"
+                try:
+                    say("the pool serves one coordinator at a time: finishing in-flight requests, "
+                        "then loading the new model on the same workers")
+                    await self._drain(old_client, say)
+                    await old.stop()
+                    say(f"{old_file.name} stopped; loading {model_file.name} on the pool")
+                    try:
+                        self._running, url = await self._launch(model_file)
+                    except StartupError:
+                        say(f"{model_file.name} failed to start: going back to {old_file.name}")
+                        self._running, url = await self._launch(old_file)
+                        self._switch(old_file, url)
+                        raise
+                    self._switch(model_file, url)
+                finally:
+                    self.swapping = ""
+            if old_client is not None:
+                await old_client.aclose()
+            say(f"now serving {model_file.name}")
+
+    def _switch(self, model_file: Path, url: str) -> None:
+        self.model_file = model_file
+        self._props = None
+        self._open_client(url)
+
+    async def _drain(self, client: Any, say: Callable[[str], None]) -> None:
+        busy = self.in_flight(client)
+        if busy:
+            say(f"waiting for {busy} in-flight request(s) on the old model")
+        with trio.move_on_after(self.config.request_timeout):
+            while self.in_flight(client):
+                await trio.sleep(0.1)
 
     async def props(self) -> dict[str, Any]:
         if self._props is None:

@@ -30,15 +30,20 @@ class WorkerBackend(LlamaServerBackend):
         super().__init__(config, context)
         self._vocab: Vocab | None = None
 
-    def launch_argv(self, port: int) -> list[str]:
-        assert self.model_file is not None
+    def launch_argv(self, port: int, model_file: Path | None = None) -> list[str]:
+        model_file = model_file or self.model_file
+        assert model_file is not None
         cfg = self.config
         exe = Path(sys.executable).parent / "tightwad"
-        argv = [str(exe), "worker", "--model", str(self.model_file), "--host", "127.0.0.1",
+        argv = [str(exe), "worker", "--model", str(model_file), "--host", "127.0.0.1",
                 "--port", str(port), "--slots", str(cfg.parallel), "--ctx-size", str(cfg.ctx_size)]
         if cfg.threads:
             argv += ["--threads", str(cfg.threads)]
         return argv + list(cfg.extra_args)
+
+    def _switch(self, model_file: Path, url: str) -> None:
+        super()._switch(model_file, url)
+        self._vocab = None
 
     async def model_info(self) -> dict[str, Any]:
         info = await self.get_json("/v1/tightwad/info")

@@ -51,8 +51,14 @@ async def _serve(listen: str, rpc_argv: list[str], state: Path, token: str, verb
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(rpc.serve)
+            from tightwad_core import __version__
+            from tightwad_core.runtime.engine import installed_backend
+
+            about = {"backend": installed_backend() or "unknown", "version": __version__,
+                     "devices": _device_arg(rpc_argv) or "all"}
             bound, _stats = await nursery.start(partial(
-                serve_tunnel, host, port, identity.server_context(), token, ("127.0.0.1", inner)))
+                serve_tunnel, host, port, identity.server_context(), token, ("127.0.0.1", inner),
+                info=about))
             shown = host if host not in ("0.0.0.0", "::", "") else "THIS-MACHINE"
             click.echo(f"rpc-worker: rpc-server on 127.0.0.1:{inner} (loopback only), TLS tunnel "
                        f"on {host}:{bound}\ncertificate fingerprint: {identity.fingerprint}\n"
@@ -64,6 +70,10 @@ async def _serve(listen: str, rpc_argv: list[str], state: Path, token: str, verb
                 log.info("received %s, stopping", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
+
+
+def _device_arg(argv: list[str]) -> str | None:
+    return argv[argv.index("-d") + 1] if "-d" in argv[:-1] else None
 
 
 @click.command("rpc-worker")

@@ -9,7 +9,9 @@ A connection is, in order:
    hangs up on any other, before sending anything;
 2. the client sends ``TWRPC``, a version byte (1), the token's length (2
    bytes, big-endian) and the token; the server compares it in constant time
-   and answers one byte, 1 (accepted) or 0 (refused, then hangs up);
+   and answers one byte, 1 (accepted) or 0 (refused, then hangs up); after
+   a 1 come 2 bytes of length and a JSON object about the worker (its
+   engine's backend, e.g. ``{"backend": "cuda", "version": "0.1.0"}``);
 3. only then does the server open its connection to rpc-server and relay.
 
 A connection that never authenticates gets no byte through to rpc-server.
@@ -19,10 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import ssl
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -75,12 +78,20 @@ async def open_tunnel(host: str, port: int, pinned: str, token: str, name: str,
             blob = token.encode()
             await stream.send_all(MAGIC + struct.pack(">H", len(blob)) + blob)
             answer = await stream.receive_some(1)
+            info: dict[str, object] = {}
+            if answer == b"\x01":
+                n, = struct.unpack(">H", await _read_exactly(stream, 2))
+                try:
+                    got_info = json.loads(await _read_exactly(stream, n))
+                except ValueError:
+                    got_info = None
+                info = got_info if isinstance(got_info, dict) else {}
     except trio.TooSlowError:
         await raw.aclose()
         raise RpcError(f"{where} did not complete the TLS tunnel handshake within {timeout:g}s") from None
-    except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+    except (trio.BrokenResourceError, ssl.SSLError, OSError, EOFError) as exc:
         await raw.aclose()
-        raise RpcError(f"{where} broke off the TLS tunnel handshake ({exc}): is it a "
+        raise RpcError(f"{where} broke off the TLS tunnel handshake ({exc!r}): is it a "
                        "`tightwad rpc-worker` tunnel, not a bare rpc-server?") from exc
     except RpcError:
         await raw.aclose()
@@ -90,6 +101,7 @@ async def open_tunnel(host: str, port: int, pinned: str, token: str, name: str,
         raise RpcError(f"{where} refused the token: set the worker's token (its state folder's "
                        "`token` file, or the variable it was started with) in the profile's "
                        "`token_env`")
+    stream.worker_info = info
     return stream
 
 
@@ -113,12 +125,16 @@ class TlsTokenTransport:
                               f"worker's token, but {where} is not set")
         self.token = token
 
+        self.info: dict[str, object] = {}  # what the worker said about itself last time
+
     def describe(self) -> str:
         return f"{self.name} to {self.worker.host}:{self.worker.port}"
 
     async def connect(self) -> trio.abc.Stream:
-        return await open_tunnel(self.worker.host, self.worker.port, self.pinned, self.token,
-                                 self.worker.name)
+        stream = await open_tunnel(self.worker.host, self.worker.port, self.pinned, self.token,
+                                   self.worker.name)
+        self.info = getattr(stream, "worker_info", {}) or {}
+        return stream
 
 
 # --------------------------------------------------------------------------- the worker side
@@ -152,7 +168,7 @@ async def _authenticate(stream: trio.SSLStream[trio.SocketStream], token: bytes)
 
 
 async def _tunnel_connection(raw: trio.SocketStream, *, ctx: ssl.SSLContext, token: bytes,
-                             target: tuple[str, int], stats: LinkStats) -> None:
+                             target: tuple[str, int], stats: LinkStats, info: bytes) -> None:
     peer = "?"
     try:
         peer = "%s:%s" % raw.socket.getpeername()[:2]
@@ -181,7 +197,7 @@ async def _tunnel_connection(raw: trio.SocketStream, *, ctx: ssl.SSLContext, tok
             log.error("tunnel: rpc-server at %s:%d is not answering: %s", *target, exc)
             return
         async with upstream:
-            await stream.send_all(b"\x01")
+            await stream.send_all(b"\x01" + struct.pack(">H", len(info)) + info)
             stats.active += 1
             try:
                 await relay(stream, upstream, LinkSpec(0.0), stats)
@@ -194,11 +210,13 @@ async def _tunnel_connection(raw: trio.SocketStream, *, ctx: ssl.SSLContext, tok
 
 
 async def serve_tunnel(host: str, port: int, ctx: ssl.SSLContext, token: str,
-                       target: tuple[str, int], *,
+                       target: tuple[str, int], *, info: Mapping[str, object] | None = None,
                        task_status: trio.TaskStatus[tuple[int, LinkStats]] = trio.TASK_STATUS_IGNORED,
                        ) -> None:
     """Accept tunnel connections on ``host:port`` and relay the authenticated
-    ones to the rpc-server at ``target``; reports (port, stats) once listening."""
+    ones to the rpc-server at ``target``; reports (port, stats) once listening.
+    ``info`` (the worker's backend and version) goes to every client that
+    authenticates."""
     if len(token) < 16:
         raise ValueError("the tunnel's token must be at least 16 characters")
     listeners = await trio.open_tcp_listeners(port, host=host or None)
@@ -206,8 +224,9 @@ async def serve_tunnel(host: str, port: int, ctx: ssl.SSLContext, token: str,
     try:
         bound = listeners[0].socket.getsockname()[1]
         task_status.started((bound, stats))
+        blob = json.dumps(info or {})[:4000].encode()
         handler = partial(_tunnel_connection, ctx=ctx, token=token.encode(), target=target,
-                          stats=stats)
+                          stats=stats, info=blob)
         await trio.serve_listeners(handler, listeners)
     finally:
         for listener in listeners:

@@ -249,9 +249,9 @@ def render(report: dict[str, Any], console: Any, *, title: str | None = None) ->
                       highlight=False)
     console.print(f"identical {_num(t['identical_rate'], '.0%')}; identical or a near tie "
                   f"(gap < {NEAR_TIE_GAP:g}) {_num(t['near_tie_rate'], '.0%')}", highlight=False)
-    side_names = {"proxy": "proxy", "direct": "target alone", "baseline": "pool alone"}
+    sides = {"proxy": "proxy", "target": "target alone", "baseline": "pool alone"}
     for side, n in (report.get("network") or {}).items():
-        console.print(f"pool traffic, {side_names.get(side, side)}: "
+        console.print(f"pool traffic, {sides.get(side, side)}: "
                       f"{_num(n['round_trips_per_token'], '.2f')} round trips and "
                       f"{_num(None if n['bytes_per_token'] is None else n['bytes_per_token'] / 1024, '.1f')}"
                       " KiB per token", highlight=False)

@@ -168,7 +168,7 @@ async def _measure(sides: _Sides, item: dict[str, str], n: int, repeat: int, tur
     bases: list[DirectRun] = []
     diverged: Divergence | None = None
     async def run_direct() -> None:
-        directs.append(await sides.timed_net("direct", sides.direct(ids, n)))
+        directs.append(await sides.timed_net("target", sides.direct(ids, n)))
 
     async def run_proxy() -> None:
         proxies.append(await sides.timed_net("proxy", sides.proxy(ids, n)))
@@ -400,7 +400,7 @@ async def run_bench(
                                None if base is None or base is direct else base)
                 sides.baseline_is_direct = base is direct
                 if pool is not None:
-                    sides.pools = {"direct": pool, "proxy": pool}
+                    sides.pools = {"target": pool, "proxy": pool}
                     if base_pool is not None:
                         sides.pools["baseline"] = base_pool
                 net = sides.net

@@ -264,12 +264,65 @@ def _print(e: dict[str, Any]) -> None:
     t = Table(title=f"pool: placement {cluster['placement']}, engine RPC protocol "
                     f"{cluster['engine_protocol']}, output layer "
                     f"{'local' if cluster['output_local'] else 'on the pool'}")
-    for col in ("name", "transport", "state", "protocol", "free / total", "layers", "sent",
-                "received", "round trips", "drops"):
+    for col in ("name", "transport", "state", "backend", "protocol", "free / total", "layers",
+                "sent", "received", "round trips", "drops"):
         t.add_column(col)
     for w in cluster["workers"]:
         mem = " + ".join(f"{human(d['free'])} / {human(d['total'])}" for d in w["devices"]) or "-"
         state = w["state"] if w["state"] == "up" else f"[red]{w['state']}[/]: {w['detail']}"
-        t.add_row(w["name"], w["transport"], state, w["protocol"] or "-", mem, str(w["layers"]),
+        t.add_row(w["name"], w["transport"], state, w.get("backend") or "-", w["protocol"] or "-",
+                  mem, str(w["layers"]),
                   human(w["bytes_up"]), human(w["bytes_down"]), str(w["round_trips"]), str(w["drops"]))
     console.print(t)
+
+
+@main.command()
+@click.argument("model")
+@config_option
+@profile_option
+@click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON.")
+def swap(model: str, config: Path | None, profile: str | None, as_json: bool) -> None:
+    """Serve MODEL on a running profile's target instead, without a restart.
+
+    MODEL is a built-in (`@name`) or a .gguf file in a folder the profile
+    uses (the set-up cache, the target's folder, the config's folder). On one
+    machine the new model loads beside the old one, which keeps serving until
+    the new one is healthy; on a pool, in-flight requests finish, then the
+    new model loads on the same workers (503 meanwhile). A speculative
+    profile needs a target with the draft's vocabulary.
+    """
+    import httpx
+    from rich.console import Console
+
+    live = [r for r in _running(profile) if r["running"]]
+    if not live:
+        _fail(f"profile {profile!r} is not running (start it with `tightwad start`)" if profile
+              else "nothing was started with `tightwad start`", 1)
+    if len(live) > 1:
+        _fail("several profiles are running (" + ", ".join(r["profile"] for r in live)
+              + "): name one with -p", 2)
+    rec = live[0]
+    key = None
+    try:
+        _, _, _, prof = _resolve(Path(rec["config"]) if rec.get("config") else config, rec["profile"])
+        key = secret(prof.api_key, prof.api_key_env)
+    except SystemExit:
+        pass
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    with Console(stderr=True).status(f"swapping {rec['profile']!r} to {model}"):
+        try:
+            resp = httpx.post(rec["url"] + "/v1/tightwad/swap", json={"model": model},
+                              headers=headers, timeout=httpx.Timeout(1800, connect=10))
+            data = resp.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            _fail(f"{rec['url']} did not answer the swap: {exc}", 1)
+            return
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    if resp.status_code != 200:
+        err = data.get("error", {})
+        _fail(err.get("message", str(data)) if isinstance(err, dict) else str(err), 1)
+    if not as_json:
+        for step in data["steps"]:
+            click.echo(f"- {step}")
+        click.echo(f"profile {rec['profile']!r} now serves {data['model']}")

@@ -307,6 +307,7 @@ class RpcPool:
             info = m.info
             workers.append({
                 "name": m.name, "transport": m.transport.describe(), "state": m.state,
+                "backend": (getattr(m.transport, "info", None) or {}).get("backend"),
                 "detail": m.detail, "protocol": str(info.version) if info else None,
                 "devices": [{"free": d.free, "total": d.total} for d in info.devices] if info else [],
                 "memory_offered": parse_size(m.cfg.memory) if m.cfg.memory else None,

@@ -88,6 +88,12 @@ def create_app(st: ServerState, bind_host: str = "127.0.0.1") -> QuartTrio:
                       "mode_status": st.mode.status(),
                       "cluster": st.pool.status() if st.pool is not None else None})
 
+    @app.post("/v1/tightwad/swap")
+    async def swap() -> Response:
+        from tightwad_core.http.swap import swap as do_swap
+
+        return json_response(await do_swap(st, await request.get_data()))
+
     @app.get("/metrics")
     async def prom() -> Response:
         return Response(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -46,10 +47,17 @@ class ServerState:
     backends: dict[str, Backend]
     api_key: str | None
     pool: RpcPool | None = None  # the target's rpc-server pool (cluster and combined mode)
+    config_dir: Path | None = None  # folder of the config file (relative model paths start here)
     started: float = field(default_factory=time.time)
     _served: str | None = None
     _tool_format: ToolFormat | None = None
     _tool_format_known: bool = False
+
+    def model_changed(self) -> None:
+        """The target serves another model now (a swap): forget what was read from it."""
+        self._served = None
+        self._tool_format = None
+        self._tool_format_known = False
 
     async def tool_format(self) -> ToolFormat | None:
         """The tool-call markup the target's chat template teaches (None: none, or unknown)."""

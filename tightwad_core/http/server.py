@@ -112,7 +112,8 @@ async def serve_profile(
                 await mode.start()
             except ConfigError as exc:
                 raise ConfigError(f"profile {profile_name!r}: {exc}") from None
-            state = ServerState(profile_name, profile, mode, backends, api_key, pool=pool)
+            state = ServerState(profile_name, profile, mode, backends, api_key, pool=pool,
+                                config_dir=config_dir)
             app = create_app(state, bind_host=host)
             async def http(task_status: trio.TaskStatus[list[str]]) -> None:
                 await serve_app(app, host, port, shutdown, task_status=task_status)

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import contextlib
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 import httpx
@@ -38,6 +39,25 @@ class HTTPBackend:
         self.context = context
         self.base_url = (config.url or "").rstrip("/")
         self._client: httpx.AsyncClient | None = None
+        self._busy: dict[int, int] = {}  # id(client) -> requests in flight on it
+
+    @contextlib.contextmanager
+    def using(self) -> Iterator[httpx.AsyncClient]:
+        """The current client, counted as in use until the block ends (a swap
+        waits for the old one's requests before stopping its server)."""
+        client = self.client
+        key = id(client)
+        self._busy[key] = self._busy.get(key, 0) + 1
+        try:
+            yield client
+        finally:
+            self._busy[key] -= 1
+            if not self._busy[key]:
+                del self._busy[key]
+
+    def in_flight(self, client: httpx.AsyncClient | None = None) -> int:
+        """Requests in flight on ``client`` (default: the current one)."""
+        return self._busy.get(id(client if client is not None else self._client), 0)
 
     # ---- lifecycle ------------------------------------------------------- #
 
@@ -90,14 +110,16 @@ class HTTPBackend:
 
     async def get_json(self, path: str) -> Any:
         try:
-            resp = await self.client.get(path)
+            with self.using() as client:
+                resp = await client.get(path)
         except httpx.TransportError as exc:
             raise BackendUnavailable(f"{self.where} is unreachable: {exc}") from exc
         raise_for_status(resp, resp.content, self.where, self.role)
         return resp.json()
 
     async def post_json(self, path: str, body: dict[str, Any]) -> Any:
-        return await post_json(self.client, path, body, self.where, self.role)
+        with self.using() as client:
+            return await post_json(client, path, body, self.where, self.role)
 
 
 class OpenAIHTTPBackend(HTTPBackend):
@@ -143,11 +165,14 @@ class OpenAIHTTPBackend(HTTPBackend):
         return request_body(req, self.config.model, stream=stream, top_k=self.supports_top_k)
 
     async def generate(self, req: GenRequest) -> Result:
-        data = await post_json(self.client, self._path(req), self.body(req, False), self.where, self.role)
+        with self.using() as client:
+            data = await post_json(client, self._path(req), self.body(req, False), self.where,
+                                   self.role)
         return parse_result(req.kind, data)
 
     async def stream(self, req: GenRequest) -> AsyncGenerator[Delta, None]:
         body = self.body(req, True)
-        async for delta in stream_sse(self.client, self._path(req), body, req.kind, self.where,
-                                      self.role):
-            yield delta
+        with self.using() as client:
+            async for delta in stream_sse(client, self._path(req), body, req.kind, self.where,
+                                          self.role):
+                yield delta

@@ -157,6 +157,20 @@ def built_with(wanted: dict[str, str]) -> bool:
         return False
 
 
+def installed_backend(stamp: Path | None = None) -> str | None:
+    """The GPU backend the installed engine was built with (``cpu``, ``cuda``,
+    ``rocm``, ``metal``, ``vulkan``), from its recorded configure flags; None
+    before `tightwad setup`."""
+    try:
+        flags = json.loads((stamp or _stamp()).read_text())
+    except (OSError, ValueError):
+        return None
+    for gpu, switches in GPU_FLAGS.items():
+        if all(str(flags.get(k, "")).upper() == v for k, v in switches.items()):
+            return gpu
+    return "cpu"
+
+
 def _cmake_cache_matches(build: Path, wanted: dict[str, str]) -> bool:
     cache = build / "CMakeCache.txt"
     if not cache.is_file():
