@@ -415,3 +415,75 @@ async def test_bench_of_a_cluster_profile_times_the_pool_alone(tmp_path: Path) -
     # one token per step: at least one round trip per worker per token alone; fewer speculating
     assert net["target"]["round_trips_per_token"] >= 2
     assert net["proxy"]["round_trips_per_token"] < net["target"]["round_trips_per_token"]
+    model = report["model"]
+    assert model["k"] == 3 and model["predicted_speedup"] >= model["predicted_speedup_without_overlap"] > 0
+    assert model["measured_speedup"] == totals["speedup_vs_baseline"]
+
+
+def test_leviathan_model_from_a_report() -> None:
+    from tightwad_core.bench.report import leviathan
+
+    # a = 0.8 at K = 3: 2.952 tokens a round; verify 0.9 s, draft 20 ms a token, pool 0.8 s a token
+    report = {"config": {"draft_tokens": 3}, "totals": {
+        "rounds": 10, "tokens_per_round": 2.952, "ahead_hits": 0, "draft_s": 0.6,
+        "verify_s": 9.0, "baseline_tok_s": 1.25, "speedup_vs_baseline": 2.0}}
+    m = leviathan(report)
+    assert m is not None and m["acceptance_per_token"] == pytest.approx(0.8, abs=1e-3)
+    assert m["predicted_speedup"] == pytest.approx(2.952 * 0.8 / 0.9, rel=1e-3)
+    assert m["predicted_speedup_without_overlap"] == pytest.approx(2.952 * 0.8 / 0.96, rel=1e-3)
+    assert leviathan({"config": {"draft_tokens": "auto"}, "totals": report["totals"]}) is None
+
+
+def test_benchmark_command_times_the_pool(tmp_path: Path, model: Path) -> None:
+    cfg = tmp_path / "tightwad.toml"
+    cfg.write_text(f'''
+[profiles.pool]
+[profiles.pool.target]
+backend = "llama-server"
+model_path = "{model}"
+ctx_size = 256
+parallel = 1
+threads = 1
+[[profiles.pool.cluster.workers]]
+name = "one"
+port = 0
+launch = true
+threads = 1
+transport = "emulated"
+[[profiles.pool.cluster.workers]]
+name = "two"
+port = 0
+launch = true
+threads = 1
+''')
+    exe = str(Path(sys.executable).parent / "tightwad")
+    out = subprocess.run([exe, "benchmark", "--config", str(cfg), "-p", "pool", "--limit", "2",
+                          "--max-tokens", "8", "--link-delay", "1ms", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    t = report["totals"]
+    assert t["prompts"] == 2 and t["gen_tok_s"] > 0 and t["prompt_tok_s_median"] > 0
+    assert t["round_trips_per_token"] >= 2  # each token crosses both workers at least once
+    assert [w["layers"] for w in report["workers"]] == [2, 2]
+    assert sum(w["bytes_share"] for w in report["workers"]) == pytest.approx(1.0, abs=0.01)
+    assert "1 ms each way" in report["workers"][0]["transport"]
+    plain = subprocess.run([exe, "benchmark", "--config", str(cfg), "-p", "nope"],
+                           capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 2 and "nope" in plain.stderr
+
+
+def test_config_show_prints_a_cluster_profile_as_toml(tmp_path: Path) -> None:
+    import tomllib
+
+    from click.testing import CliRunner
+
+    from tightwad_core.cli import main
+
+    res = CliRunner().invoke(main, ["config", "show", "-p", "combined-demo"],
+                             env={"TIGHTWAD_CONFIG": None}, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    shown = tomllib.loads(res.output[res.output.index("mode ="):] if "mode =" in res.output
+                          else res.output)
+    assert [w["name"] for w in shown["cluster"]["workers"]] == ["rpc-a", "rpc-b"]
+    assert shown["cluster"]["workers"][0]["delay"] == "100ms"

@@ -21,7 +21,8 @@ from typing import Any
 #: two ways of computing the same logits, not a wrong answer.
 NEAR_TIE_GAP = 1.0
 
-COUNTERS = ("rounds", "drafted", "accepted", "emitted", "relayed")
+COUNTERS = ("rounds", "drafted", "accepted", "emitted", "relayed", "ahead_hits", "draft_s",
+            "verify_s")
 
 
 @dataclass
@@ -41,7 +42,7 @@ class ProxyRun:
     seconds: float
     text: str
     tokens: int
-    counters: dict[str, int]
+    counters: dict[str, float]  # rounds, drafted, ... and draft_s / verify_s (seconds)
     ids: list[int] | None = None  # the answer's token ids, when the mode reports them
 
 
@@ -90,6 +91,13 @@ def first_difference(direct_ids: list[int], proxy_ids: list[int]) -> int | None:
     return None if len(direct_ids) == len(proxy_ids) else min(len(direct_ids), len(proxy_ids))
 
 
+def _sum(values: Any) -> float:
+    """Counts stay integers; seconds are rounded to the microsecond."""
+    vals = list(values)
+    total = sum(vals)
+    return total if all(isinstance(v, int) for v in vals) else round(total, 6)
+
+
 def make_row(prompt: str, category: str | None, directs: list[DirectRun], proxies: list[ProxyRun],
              divergence: Divergence | None,
              baselines: list[DirectRun] | None = None) -> dict[str, Any]:
@@ -97,12 +105,13 @@ def make_row(prompt: str, category: str | None, directs: list[DirectRun], proxie
     ``baselines``: the runs of the baseline server (`--baseline`), if any."""
     proxy_s = statistics.median(r.seconds for r in proxies)
     direct_s = statistics.median(r.seconds for r in directs)
-    sums = {k: sum(r.counters.get(k, 0) for r in proxies) for k in COUNTERS}
+    sums = {k: _sum(r.counters.get(k, 0) for r in proxies) for k in COUNTERS}
     base: dict[str, Any] = {}
     if baselines:
         base_s = statistics.median(r.seconds for r in baselines)
         base = {"baseline_s": round(base_s, 6), "baseline_tokens": baselines[0].tokens,
-                "speedup_vs_baseline": round(base_s / proxy_s, 4) if proxy_s > 0 else None}
+                "speedup_vs_baseline": round(base_s / proxy_s, 4) if proxy_s > 0 else None,
+                "baseline_identical": baselines[-1].text == proxies[-1].text}
     return {
         "prompt": prompt,
         "category": category,
@@ -137,7 +146,7 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     direct_s = sum(r["direct_s"] for r in rows)
     tokens = sum(r["tokens"] for r in rows)
     proxy_tokens = sum(r["proxy_tokens"] for r in rows)
-    sums = {k: sum(r.get(k, 0) for r in rows) for k in COUNTERS}
+    sums = {k: _sum(r.get(k, 0) for r in rows) for k in COUNTERS}
 
     def rounded(value: float | None, digits: int = 4) -> float | None:
         return None if value is None else round(value, digits)
@@ -167,9 +176,11 @@ def _baseline_totals(rows: list[dict[str, Any]], proxy_s: float) -> dict[str, An
     tokens = sum(r["baseline_tokens"] for r in rows)
     ratio = _ratio(base_s, proxy_s)
     rate = _ratio(tokens, base_s)
+    same = _ratio(sum(1 for r in rows if r.get("baseline_identical")), len(rows))
     return {"baseline_s": round(base_s, 6),
             "baseline_tok_s": None if rate is None else round(rate, 2),
-            "speedup_vs_baseline": None if ratio is None else round(ratio, 4)}
+            "speedup_vs_baseline": None if ratio is None else round(ratio, 4),
+            "baseline_identical_rate": None if same is None else round(same, 4)}
 
 
 def build_report(profile_name: str, config: dict[str, Any], rows: list[dict[str, Any]],
@@ -249,9 +260,48 @@ def render(report: dict[str, Any], console: Any, *, title: str | None = None) ->
                       highlight=False)
     console.print(f"identical {_num(t['identical_rate'], '.0%')}; identical or a near tie "
                   f"(gap < {NEAR_TIE_GAP:g}) {_num(t['near_tie_rate'], '.0%')}", highlight=False)
+    m = report.get("model")
+    if m:
+        console.print(f"model (Leviathan) from this run: a = {m['acceptance_per_token']:.3f} at K "
+                      f"{m['k']}, verify {m['verify_s_per_round']:.3f} s/round, draft "
+                      f"{1000 * m['draft_s_per_token']:.1f} ms/token, baseline "
+                      f"{m['baseline_s_per_token']:.3f} s/token: predicts "
+                      f"{m['predicted_speedup']:.2f}x (drafting hidden), "
+                      f"{m['predicted_speedup_without_overlap']:.2f}x (not hidden)", highlight=False)
     sides = {"proxy": "proxy", "target": "target alone", "baseline": "pool alone"}
     for side, n in (report.get("network") or {}).items():
         console.print(f"pool traffic, {sides.get(side, side)}: "
                       f"{_num(n['round_trips_per_token'], '.2f')} round trips and "
                       f"{_num(None if n['bytes_per_token'] is None else n['bytes_per_token'] / 1024, '.1f')}"
                       " KiB per token", highlight=False)
+
+
+def leviathan(report: dict[str, Any]) -> dict[str, Any] | None:
+    """What the speculative-decoding model (Leviathan et al. 2023) predicts
+    from this run's own measurements, beside the measured speed-up against
+    the baseline: per-token acceptance a (solved from the measured tokens
+    per round at the run's K), draft seconds per token d, verify seconds per
+    round v and the baseline's seconds per token t. A round yields
+    (1 - a^(K+1)) / (1 - a) tokens and costs v + K d, or about max(v, K d)
+    when the next round is drafted during the verify."""
+    t = report.get("totals") or {}
+    k = report.get("config", {}).get("draft_tokens")
+    rounds, tpr = t.get("rounds") or 0, t.get("tokens_per_round")
+    if not isinstance(k, int) or k < 1 or not rounds or not tpr or not t.get("baseline_tok_s"):
+        return None
+    lo, hi = 0.0, 0.999999  # E(a) rises with a: bisect for the a that gives the measured mean
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if (1 - mid ** (k + 1)) / (1 - mid) < tpr else (lo, mid)
+    a = (lo + hi) / 2
+    tokens = (1 - a ** (k + 1)) / (1 - a)
+    drafted_rounds = max(rounds - (t.get("ahead_hits") or 0), 1)
+    d = (t.get("draft_s") or 0.0) / (drafted_rounds * k)
+    v = (t.get("verify_s") or 0.0) / rounds
+    base = 1.0 / t["baseline_tok_s"]
+    return {"k": k, "acceptance_per_token": round(a, 4), "tokens_per_round": round(tokens, 3),
+            "draft_s_per_token": round(d, 5), "verify_s_per_round": round(v, 4),
+            "baseline_s_per_token": round(base, 4),
+            "predicted_speedup": round(tokens * base / max(v, k * d), 3),
+            "predicted_speedup_without_overlap": round(tokens * base / (v + k * d), 3),
+            "measured_speedup": t.get("speedup_vs_baseline")}

@@ -41,6 +41,7 @@ from tightwad_core.bench.report import (
     build_report,
     divergence_index,
     first_difference,
+    leviathan,
     make_row,
 )
 from tightwad_core.cluster.pool import RpcPool
@@ -134,8 +135,12 @@ class _Sides:
             raise BenchError(f"the proxy answered {resp.status_code}: {resp.text[:300]}")
         data = resp.json()
         after = mode.status()
-        counters = {k: int(after.get(k) or 0) - int(before.get(k) or 0)
-                    for k in ("rounds", "drafted", "accepted", "emitted", "relayed")}
+        counters: dict[str, float] = {k: int(after.get(k) or 0) - int(before.get(k) or 0)
+                                      for k in ("rounds", "drafted", "accepted", "emitted",
+                                                "relayed", "ahead_hits")}
+        for k in ("draft", "verify"):  # seconds the mode spent drafting and verifying
+            counters[f"{k}_s"] = round(float((after.get("time_s") or {}).get(k) or 0.0)
+                                       - float((before.get("time_s") or {}).get(k) or 0.0), 6)
         last = getattr(mode, "last_tokens", None)  # a mode that reports its answer's ids
         answer = last() if callable(last) and counters["rounds"] > 0 else None
         return ProxyRun(seconds, str(data["choices"][0]["text"]),
@@ -428,6 +433,7 @@ async def run_bench(
     report = build_report(profile_name, config, rows)
     if cluster is not None:
         report["network"] = _network(net)
+        report["model"] = leviathan(report)
     return report
 
 

@@ -346,6 +346,8 @@ def to_toml(prof: Profile) -> str:
 def _drop_none(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list):  # arrays of tables: [[cluster.workers]]
+        return [_drop_none(v) for v in obj]
     return obj
 
 
