@@ -74,7 +74,7 @@ class SpeculativeMode:
         self.draft_backend = backends["draft"]
         spec = profile.speculation
         pinned = spec.max_draft_tokens if isinstance(spec.max_draft_tokens, int) else None
-        self.draft_length = DraftLength(pinned=pinned, k_max=spec.k_max)
+        self.draft_length = DraftLength(pinned=pinned, k_max=spec.k_max, overlap=spec.overlap_draft)
         self.guard = DraftGuard(budget_s=spec.draft_timeout, fallback=spec.fallback_on_draft_failure)
         factory = pick_rung(spec.verifier, self.target, context.verifiers)
         self.relay_only = factory is None or not isinstance(self.target, TokenBackend)

@@ -14,7 +14,9 @@ A connection is, in order:
    engine's backend, e.g. ``{"backend": "cuda", "version": "0.1.0"}``);
 3. only then does the server open its connection to rpc-server and relay.
 
-A connection that never authenticates gets no byte through to rpc-server.
+A connection that never authenticates gets no byte through to rpc-server;
+it has 10 s to do so, and at most 32 may be authenticating at once (more
+are closed straight away), so idle or slow strangers cannot pile up.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ log = logging.getLogger("tightwad.tunnel")
 MAGIC = b"TWRPC\x01"
 MAX_TOKEN = 1024
 AUTH_TIMEOUT = 10.0
+MAX_PENDING = 32  # connections authenticating at once; more are closed at once
 
 
 def client_context() -> ssl.SSLContext:
@@ -168,7 +171,8 @@ async def _authenticate(stream: trio.SSLStream[trio.SocketStream], token: bytes)
 
 
 async def _tunnel_connection(raw: trio.SocketStream, *, ctx: ssl.SSLContext, token: bytes,
-                             target: tuple[str, int], stats: LinkStats, info: bytes) -> None:
+                             target: tuple[str, int], stats: LinkStats, info: bytes,
+                             limiter: trio.CapacityLimiter) -> None:
     peer = "?"
     try:
         peer = "%s:%s" % raw.socket.getpeername()[:2]
@@ -178,11 +182,20 @@ async def _tunnel_connection(raw: trio.SocketStream, *, ctx: ssl.SSLContext, tok
     stream = trio.SSLStream(raw, ctx, server_side=True)
     try:
         try:
+            limiter.acquire_on_behalf_of_nowait(stream)
+        except trio.WouldBlock:
+            log.warning("tunnel: %s refused: %d connections are authenticating already", peer,
+                        MAX_PENDING)
+            stats.failed += 1
+            return
+        try:
             ok = await _authenticate(stream, token)
         except (trio.TooSlowError, EOFError, trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
             log.warning("tunnel: %s gave up before authenticating (%s)", peer, type(exc).__name__)
             stats.failed += 1
             return
+        finally:
+            limiter.release_on_behalf_of(stream)
         if not ok:
             log.warning("tunnel: %s sent a wrong token; refused", peer)
             stats.failed += 1
@@ -226,7 +239,7 @@ async def serve_tunnel(host: str, port: int, ctx: ssl.SSLContext, token: str,
         task_status.started((bound, stats))
         blob = json.dumps(info or {})[:4000].encode()
         handler = partial(_tunnel_connection, ctx=ctx, token=token.encode(), target=target,
-                          stats=stats, info=blob)
+                          stats=stats, info=blob, limiter=trio.CapacityLimiter(MAX_PENDING))
         await trio.serve_listeners(handler, listeners)
     finally:
         for listener in listeners:

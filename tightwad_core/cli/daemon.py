@@ -31,16 +31,21 @@ def state_dir() -> Path:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` still is a `tightwad run` (a stale record's pid may
+    have been given to another program since: that one is left alone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        return False  # not ours
     try:  # a zombie (our own child, not yet reaped) is not alive
-        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+        if "State:\tZ" in Path(f"/proc/{pid}/status").read_text():
+            return False
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
-        return True
+        return True  # no /proc (not Linux): trust the record
+    return any(a.endswith(b"tightwad") for a in argv) and b"run" in argv
 
 
 def _record(name: str) -> Path:

@@ -12,8 +12,11 @@ target tokens per second from what it measures:
 
 With acceptance a, a round with k draft tokens yields on average
 (1 - a^(k+1)) / (1 - a) tokens (Leviathan et al. 2023) and costs
-k * d + v(k) seconds. K = 0 means: do not speculate, relay to the target,
-whose rate 1 / r is the bar every K must beat. Auto re-probes speculation
+k * d + v(k) seconds (about max(k * d, v(k)) when the next round is
+drafted during the verify, `overlap_draft`). K = 0 means: do not speculate, relay to the target,
+whose rate 1 / r is the bar every K must beat; until the relay has been
+timed (auto speculates first, and relays one request in `probe_every` to
+time it), r is taken as v(0), one target step through the verifier. Auto re-probes speculation
 every `probe_every` requests while relaying, so a change in load or network
 is noticed.
 
@@ -54,8 +57,9 @@ class DraftLength:
     _acc: float = 0.0  # decayed sums behind `acceptance`
     _trials: float = 0.0
     current: int = 4
+    overlap: bool = False  # the next round is drafted while this one verifies (overlap_draft)
     explore_every: int = 8  # every Nth round tries a K next to the best one
-    seed_ks: tuple[int, ...] = (2, 5, 1, 8, 3, 6)  # the spread the first rounds try
+    seed_ks: tuple[int, ...] = (2, 5, 3, 7, 4)  # the spread the first rounds try
     _round_no: int = 0
     _explore_turn: int = 0
 
@@ -66,12 +70,18 @@ class DraftLength:
         self._requests += 1
         if self.pinned is not None:
             return self.pinned > 0
-        if self.relay_s_per_token is None or self.draft_s_per_token is None or len(self._rounds) < 4:
-            # measure both ways first: alternate until each has data
-            return self._requests % 2 == 1 or self.relay_s_per_token is not None
+        if self.draft_s_per_token is None or len(self._rounds) < 4:
+            return True  # measure speculation first; until the relay is timed, v(0) stands for it
+        if self.relay_s_per_token is None and self._requests % self.probe_every == 0:
+            return False  # time the real relay once: streaming may beat one verify step
         if self.best_k() > 0:
             return True
         return self._requests % self.probe_every == 0
+
+    def peek(self) -> int:
+        """A guess at the next round's K without taking a turn (for drafting
+        ahead): the current best, or the pinned K."""
+        return self.pinned if self.pinned is not None else self.current
 
     def k(self) -> int:
         if self.pinned is not None:
@@ -92,10 +102,12 @@ class DraftLength:
 
     # ---- observations -----------------------------------------------------
 
-    def observe_round(self, k: int, accepted: int, draft_s: float, verify_s: float, *,
+    def observe_round(self, k: int, accepted: int, draft_s: float | None, verify_s: float, *,
                       prefill: bool = False) -> None:
         """One round's outcome; ``prefill``: its costs include evaluating the
-        prompt (a request's first round), so only its acceptance is used."""
+        prompt (a request's first round), so only its acceptance is used;
+        ``draft_s`` None: the proposal was drafted during the previous verify
+        (its cost is not known apart from that verify's)."""
         if k > 0:
             # a is per token, given the ones before it were kept: a round that
             # kept n of k tried n + 1 tokens (n if all k were kept)
@@ -105,9 +117,10 @@ class DraftLength:
             self.acceptance = self._acc / self._trials if self._trials else self.acceptance
             if prefill:
                 return
-            per = draft_s / k
-            self.draft_s_per_token = per if self.draft_s_per_token is None else (
-                self.draft_s_per_token + self.alpha * (per - self.draft_s_per_token))
+            if draft_s is not None:
+                per = draft_s / k
+                self.draft_s_per_token = per if self.draft_s_per_token is None else (
+                    self.draft_s_per_token + self.alpha * (per - self.draft_s_per_token))
         self._rounds.append((k, verify_s))
 
     def observe_relay(self, tokens: int, seconds: float) -> None:
@@ -134,12 +147,21 @@ class DraftLength:
     def rate(self, k: int) -> float:
         """Expected tokens per second at K = k (k = 0: the relay's rate)."""
         if k == 0:
-            return 0.0 if self.relay_s_per_token is None else 1.0 / self.relay_s_per_token
-        cost = k * (self.draft_s_per_token or 0.0) + self.verify_cost(k)
+            relay = self.relay_s_per_token
+            if relay is None and self._rounds:
+                relay = self.verify_cost(0)  # one target step through the verifier
+            return 0.0 if relay is None else 1.0 / relay
+        draft = k * (self.draft_s_per_token or 0.0)
+        verify = self.verify_cost(k)
+        # drafting the next round during the verify hides the shorter of the two
+        cost = max(draft, verify) if self.overlap else draft + verify
         return expected_tokens(self.acceptance, k) / cost
 
     def best_k(self) -> int:
-        return max(range(0, self.k_max + 1), key=self.rate)
+        """The K with the highest expected rate, among those measured and one
+        beyond the largest measured (a fitted line is not trusted further out)."""
+        top = min(self.k_max, max((k for k, _ in self._rounds), default=self.k_max) + 1)
+        return max(range(0, top + 1), key=self.rate)
 
     def snapshot(self) -> dict[str, object]:
         return {

@@ -147,6 +147,7 @@ async def speculate(
         while emitter.finish is None:
             remaining = max_tokens - emitter.n
             k = min(draft_length.k(), remaining - 1) if drafter is not None and guard.usable() else 0
+            from_ahead = ahead is not None and k > 0
             if ahead is not None and k > 0:
                 proposal = Proposal(tokens=ahead.tokens[:k], q=None if ahead.q is None
                                     else ahead.q[:k], seconds=0.0)
@@ -156,7 +157,7 @@ async def speculate(
             ahead = None
             if overlap and proposal.tokens and drafter is not None and guard.usable():
                 verdict, ahead = await _verify_drafting_ahead(
-                    session, proposal, drafter, guard, ctx, draft_length.k(), sampling, stats)
+                    session, proposal, drafter, guard, ctx, draft_length.peek(), sampling, stats)
             else:
                 verdict = await session.verify(proposal)
             new = proposal.tokens[: verdict.accepted] + [verdict.token] + verdict.extra
@@ -171,7 +172,8 @@ async def speculate(
             if verdict.gaps:
                 stats.gaps.extend(verdict.gaps)
             if proposal.tokens:
-                draft_length.observe_round(len(proposal.tokens), verdict.accepted, proposal.seconds,
+                draft_length.observe_round(len(proposal.tokens), verdict.accepted,
+                                           None if from_ahead else proposal.seconds,
                                            verdict.seconds, prefill=stats.rounds == 1)
             released = emitter.feed(new)
             if released:
