@@ -38,7 +38,7 @@ from tightwad_core.config.profiles import secret
 from tightwad_core.config.schema import ConfigError, RpcWorkerConfig
 from tightwad_core.hookspecs import hookimpl
 from tightwad_core.roles import TransportFactory
-from tightwad_core.runtime.rpc import RpcError
+from tightwad_core.runtime.rpc import RpcError, receive_exactly
 from tightwad_plugins.transports.certs import fingerprint, normalize_fingerprint
 from tightwad_plugins.transports.tcp import open_tcp
 
@@ -83,9 +83,9 @@ async def open_tunnel(host: str, port: int, pinned: str, token: str, name: str,
             answer = await stream.receive_some(1)
             info: dict[str, object] = {}
             if answer == b"\x01":
-                n, = struct.unpack(">H", await _read_exactly(stream, 2))
+                n, = struct.unpack(">H", await receive_exactly(stream, 2))
                 try:
-                    got_info = json.loads(await _read_exactly(stream, n))
+                    got_info = json.loads(await receive_exactly(stream, n))
                 except ValueError:
                     got_info = None
                 info = got_info if isinstance(got_info, dict) else {}
@@ -148,26 +148,16 @@ def _same(given: bytes, expected: bytes) -> bool:
     return hmac.compare_digest(hashlib.sha256(given).digest(), hashlib.sha256(expected).digest())
 
 
-async def _read_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = await stream.receive_some(n - len(data))
-        if not chunk:
-            raise EOFError
-        data += chunk
-    return data
-
-
 async def _authenticate(stream: trio.SSLStream[trio.SocketStream], token: bytes) -> bool:
     with trio.fail_after(AUTH_TIMEOUT):
         await stream.do_handshake()
-        head = await _read_exactly(stream, len(MAGIC) + 2)
+        head = await receive_exactly(stream, len(MAGIC) + 2)
         if head[:len(MAGIC)] != MAGIC:
             return False
         n, = struct.unpack(">H", head[len(MAGIC):])
         if n > MAX_TOKEN:
             return False
-        return _same(await _read_exactly(stream, n), token)
+        return _same(await receive_exactly(stream, n), token)
 
 
 async def _tunnel_connection(raw: trio.SocketStream, *, ctx: ssl.SSLContext, token: bytes,

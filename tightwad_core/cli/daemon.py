@@ -160,6 +160,18 @@ def _stop(pid: int, grace: float = 30.0) -> bool:
     return not _alive(pid)
 
 
+def _auth_headers(rec: dict[str, Any], config: Path | None) -> dict[str, str]:
+    """The bearer header for a running profile: its token from the config
+    file `tightwad start` used (else ``config``); none if it has none."""
+    path = Path(rec["config"]) if rec.get("config") else find_config(config)
+    try:
+        _, prof = _load_for_run(path, rec["profile"], explicit=path.exists())
+    except ConfigError:
+        return {}
+    key = secret(prof.api_key, prof.api_key_env)
+    return {"authorization": f"Bearer {key}"} if key else {}
+
+
 def _running(profile: str | None) -> list[dict[str, Any]]:
     files = [_record(profile)] if profile else sorted(state_dir().glob("*.json"))
     out = []
@@ -212,13 +224,7 @@ def status(config: Path | None, profile: str | None, as_json: bool) -> None:
     for r in _running(profile):
         entry: dict[str, Any] = {k: v for k, v in r.items() if not k.startswith("_")}
         if r["running"]:
-            key = None
-            try:
-                _, _, _, prof = _resolve(Path(r["config"]) if r.get("config") else None, r["profile"])
-                key = secret(prof.api_key, prof.api_key_env)
-            except SystemExit:
-                pass
-            headers = {"authorization": f"Bearer {key}"} if key else {}
+            headers = _auth_headers(r, config)
             try:
                 resp = httpx.get(r["url"] + "/v1/tightwad/status", headers=headers, timeout=10)
                 entry["status"] = resp.json() if resp.status_code == 200 else None
@@ -307,13 +313,7 @@ def swap(model: str, config: Path | None, profile: str | None, as_json: bool) ->
         _fail("several profiles are running (" + ", ".join(r["profile"] for r in live)
               + "): name one with -p", 2)
     rec = live[0]
-    key = None
-    try:
-        _, _, _, prof = _resolve(Path(rec["config"]) if rec.get("config") else config, rec["profile"])
-        key = secret(prof.api_key, prof.api_key_env)
-    except SystemExit:
-        pass
-    headers = {"authorization": f"Bearer {key}"} if key else {}
+    headers = _auth_headers(rec, config)
     with Console(stderr=True).status(f"swapping {rec['profile']!r} to {model}"):
         try:
             resp = httpx.post(rec["url"] + "/v1/tightwad/swap", json={"model": model},

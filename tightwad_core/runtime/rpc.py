@@ -59,7 +59,7 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     return m.group(1) or m.group(3), port
 
 
-async def _receive_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
+async def receive_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
     data = b""
     while len(data) < n:
         chunk = await stream.receive_some(n - len(data))
@@ -96,11 +96,11 @@ class RpcInfo:
 async def _command(stream: trio.abc.Stream, cmd: int, body: bytes, answer: int,
                    name: str) -> bytes:
     await stream.send_all(bytes([cmd]) + struct.pack("<Q", len(body)) + body)
-    size, = struct.unpack("<Q", await _receive_exactly(stream, 8))
+    size, = struct.unpack("<Q", await receive_exactly(stream, 8))
     if size != answer:
         raise RpcError(f"{name} answered RPC command {cmd} with {size} bytes, not {answer}: "
                        "not an rpc-server of this protocol")
-    return await _receive_exactly(stream, answer)
+    return await receive_exactly(stream, answer)
 
 
 async def probe_stream(stream: trio.abc.Stream, name: str, timeout: float = 5.0, *,
