@@ -16,6 +16,7 @@ matches its target's, as speculative decoding would see it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -129,7 +130,8 @@ def _random_weights(cfg: _Config, vocab: TinyVocab, seed: int) -> dict[str, np.n
 
 
 def _write(path: Path, cfg: _Config, vocab: TinyVocab, weights: dict[str, np.ndarray], *,
-           n_ctx: int, chat_template: str | None, dtype: str, name: str) -> Path:
+           n_ctx: int, chat_template: str | None, dtype: str, name: str,
+           extra: Callable[[gguf.GGUFWriter], None] | None = None) -> Path:
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, not {dtype!r}")
     qtype, ftype = _DTYPES[dtype]
@@ -159,6 +161,8 @@ def _write(path: Path, cfg: _Config, vocab: TinyVocab, weights: dict[str, np.nda
     writer.add_add_eos_token(False)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
+    if extra is not None:
+        extra(writer)
     for tname, arr in weights.items():
         if arr.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(tname, arr.astype(np.float32))

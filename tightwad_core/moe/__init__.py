@@ -1,0 +1,1 @@
+"""Mixture-of-Experts tooling: reading where a GGUF keeps its experts."""
