@@ -30,7 +30,7 @@ def _snippet(name: str, host: str, port: int, fp: str, token_env: str) -> str:
 
 
 async def _serve(listen: str, rpc_argv: list[str], state: Path, token: str, verbose: bool) -> None:
-    from tightwad_core.runtime.procs import Supervised, free_port
+    from tightwad_core.runtime.procs import Supervised, free_port, tcp_listening
     from tightwad_plugins.transports.tls_token import serve_tunnel
 
     identity = load_or_create(state)
@@ -38,16 +38,8 @@ async def _serve(listen: str, rpc_argv: list[str], state: Path, token: str, verb
     inner = free_port()
     argv = [*rpc_argv[:1], "-H", "127.0.0.1", "-p", str(inner), *rpc_argv[1:]]
 
-    async def listening() -> bool:
-        try:
-            s = await trio.open_tcp_stream("127.0.0.1", inner)
-        except OSError:
-            return False
-        await s.aclose()
-        return True
-
-    rpc = Supervised("rpc-server", argv, state / "rpc-server.log", None, ready=listening,
-                     startup_timeout=60)
+    rpc = Supervised("rpc-server", argv, state / "rpc-server.log", None,
+                     ready=partial(tcp_listening, "127.0.0.1", inner), startup_timeout=60)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(rpc.serve)

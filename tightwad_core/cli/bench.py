@@ -29,6 +29,34 @@ def _load(config: Path | None, profile: str | None) -> tuple[str, Any, Path]:
     return name, prof, path.parent
 
 
+def link_of(delay: float | None, bandwidth: float | None) -> LinkSpec | None:
+    """The emulated link --link-delay/--link-bandwidth ask for (None: none)."""
+    if delay is None and bandwidth is None:
+        return None
+    return LinkSpec(delay or 0.0, bandwidth)
+
+
+def exit_for(exc: BaseException) -> None:
+    """A failed bench run as one line and its exit status: 2 for a config or
+    prompts error, 1 for a server that failed, 130 after Ctrl-C; anything
+    else that is not an Exception is raised again."""
+    from tightwad_core.bench.prompts import BenchError
+    from tightwad_core.config.profiles import ConfigError
+    from tightwad_core.runtime.procs import StartupError
+
+    leaf = _leaf(exc)
+    if isinstance(leaf, (ConfigError, BenchError)):
+        _fail(str(leaf), 2)
+    if isinstance(leaf, StartupError):
+        _fail(str(leaf).splitlines()[0], 1)
+    if isinstance(leaf, KeyboardInterrupt):
+        _fail("interrupted", 130)
+    if isinstance(leaf, Exception):
+        first = (str(leaf).splitlines() or [""])[0]
+        _fail(f"{leaf.__class__.__name__}: {first}", 1)
+    raise exc
+
+
 async def _bench(name: str, prof: Any, config_dir: Path, prompts: list[dict[str, str]], max_tokens: int,
                  draft_tokens: int | None, link: LinkSpec | None, repeat: int,
                  progress: Any, baseline: str | None = None) -> tuple[dict[str, Any] | None, bool]:
@@ -116,7 +144,6 @@ def bench(config: Path | None, profile: str | None, prompts_file: Path | None, l
     from tightwad_core.bench.report import render, write_json
     from tightwad_core.bench.run import check_profile
     from tightwad_core.config.profiles import ConfigError
-    from tightwad_core.runtime.procs import StartupError
 
     console = Console()
     try:
@@ -126,9 +153,7 @@ def bench(config: Path | None, profile: str | None, prompts_file: Path | None, l
     except (ConfigError, BenchError) as exc:
         _fail(str(exc), 2)
         return
-    link = None
-    if link_delay is not None or link_bandwidth is not None:
-        link = LinkSpec(link_delay or 0.0, link_bandwidth)
+    link = link_of(link_delay, link_bandwidth)
 
     from rich.logging import RichHandler
 
@@ -145,18 +170,8 @@ def bench(config: Path | None, profile: str | None, prompts_file: Path | None, l
         with progress:
             report, interrupted = trio.run(partial(_bench, name, prof, config_dir, prompts, max_tokens,
                                                    draft_tokens, link, repeat, progress, baseline))
-    except BaseException as exc:  # noqa: BLE001 - mapped to one clear line below
-        leaf = _leaf(exc)
-        if isinstance(leaf, (ConfigError, BenchError)):
-            _fail(str(leaf), 2)
-        if isinstance(leaf, StartupError):
-            _fail(str(leaf).splitlines()[0], 1)
-        if isinstance(leaf, KeyboardInterrupt):
-            _fail("interrupted", 130)
-        if isinstance(leaf, Exception):
-            first = (str(leaf).splitlines() or [""])[0]
-            _fail(f"{leaf.__class__.__name__}: {first}", 1)
-        raise
+    except BaseException as exc:  # noqa: BLE001 - mapped to one clear line
+        exit_for(exc)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(saved[0])

@@ -10,10 +10,10 @@ from typing import Any
 
 import click
 
-from tightwad_core.bench.link import LinkSpec, parse_bandwidth, parse_delay
-from tightwad_core.cli.bench import _load
+from tightwad_core.bench.link import parse_bandwidth, parse_delay
+from tightwad_core.cli.bench import _load, exit_for, link_of
 from tightwad_core.cli.link import checked
-from tightwad_core.cli.main import _fail, _leaf, main
+from tightwad_core.cli.main import _fail, main
 
 
 @main.command("benchmark")
@@ -48,7 +48,6 @@ def benchmark(config: Path | None, profile: str | None, prompts_file: Path | Non
     from tightwad_core.bench.pool import run_pool_benchmark
     from tightwad_core.bench.prompts import BenchError, load_prompts
     from tightwad_core.config.profiles import ConfigError
-    from tightwad_core.runtime.procs import StartupError
 
     try:
         name, prof, config_dir = _load(config, profile)
@@ -56,9 +55,7 @@ def benchmark(config: Path | None, profile: str | None, prompts_file: Path | Non
     except (ConfigError, BenchError) as exc:
         _fail(str(exc), 2)
         return
-    link = None
-    if link_delay is not None or link_bandwidth is not None:
-        link = LinkSpec(link_delay or 0.0, link_bandwidth)
+    link = link_of(link_delay, link_bandwidth)
     console = Console(stderr=as_json)
     logging.getLogger("tightwad").setLevel(logging.WARNING)
     try:
@@ -70,14 +67,7 @@ def benchmark(config: Path | None, profile: str | None, prompts_file: Path | Non
                                       prompts=prompts, max_tokens=max_tokens, link=link,
                                       progress=step))
     except BaseException as exc:  # noqa: BLE001 - one clear line
-        leaf = _leaf(exc)
-        if isinstance(leaf, (ConfigError, BenchError)):
-            _fail(str(leaf), 2)
-        if isinstance(leaf, StartupError):
-            _fail(str(leaf).splitlines()[0], 1)
-        if isinstance(leaf, KeyboardInterrupt):
-            _fail("interrupted", 130)
-        raise
+        exit_for(exc)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

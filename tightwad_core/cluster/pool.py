@@ -153,14 +153,14 @@ class RpcPool:
             raise failure
 
     def _launch(self, m: Member) -> Supervised:
-        from tightwad_core.runtime.procs import Supervised, find_engine
+        from tightwad_core.runtime.procs import Supervised, find_engine, tcp_listening
 
         argv = [str(find_engine("rpc-server")), "-H", m.cfg.host, "-p", str(m.cfg.port)]
         if m.cfg.threads:
             argv += ["-t", str(m.cfg.threads)]
         argv += list(m.cfg.extra_args)
         return Supervised(f"rpc-server {m.name}", argv, self.run_dir / f"rpc-server-{m.name}.log",
-                          None, ready=partial(_listening, m.cfg.host, m.cfg.port),
+                          None, ready=partial(tcp_listening, m.cfg.host, m.cfg.port),
                           startup_timeout=60, env=dict(m.cfg.env))
 
     async def _relay(self, m: Member, *, task_status: trio.TaskStatus[str]) -> None:
@@ -319,15 +319,6 @@ class RpcPool:
             })
         return {"placement": self.placement.name, "output_local": self.cluster.output_local,
                 "engine_protocol": str(engine_version() or "unknown"), "workers": workers}
-
-
-async def _listening(host: str, port: int) -> bool:
-    try:
-        stream = await trio.open_tcp_stream(host, port)
-    except OSError:
-        return False
-    await stream.aclose()
-    return True
 
 
 def layer_sizes(model_file: Path) -> tuple[dict[str, int], int]:

@@ -65,6 +65,17 @@ def usable_cores(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     return max(1, cores)
 
 
+async def tcp_listening(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections on ``host:port`` (a
+    `Supervised` readiness check for processes that speak no HTTP)."""
+    try:
+        stream = await trio.open_tcp_stream(host, port)
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
+
+
 def log_tail(path: Path, lines: int = 8) -> str:
     try:
         with open(path, "rb") as f:
