@@ -104,65 +104,14 @@ def fingerprint(texts: Sequence[str], types: Sequence[int]) -> str:
     return h.hexdigest()
 
 
-# GGUF value types (gguf spec): scalar struct formats, 8 = string, 9 = array
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
-            12: "d"}
-_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
-           10: "<u8", 11: "<i8", 12: "<f8"}
-
-
 def read_metadata(path: str) -> dict[str, Any]:
     """A GGUF file's key/value metadata (strings decoded, arrays as lists),
     read straight from the header: the tensors are never touched, so this
     takes a fraction of a second where the gguf package's reader, which maps
     every array element, takes seconds on a 150k-token vocabulary."""
-    import mmap
-    import struct
+    from tightwad_core.runtime.ggufio import read_header
 
-    import numpy as np
-
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        version, = struct.unpack_from("<I", buf, 4)
-        if version not in (2, 3):
-            raise ValueError(f"{path}: GGUF version {version} is not supported")
-        n_kv, = struct.unpack_from("<Q", buf, 16)
-        pos = 24
-
-        def string() -> str:
-            nonlocal pos
-            n, = struct.unpack_from("<Q", buf, pos)
-            raw = buf[pos + 8:pos + 8 + n]
-            pos += 8 + n
-            return raw.decode("utf-8", "replace")
-
-        def value(kind: int) -> Any:
-            nonlocal pos
-            if kind == 8:
-                return string()
-            if kind == 9:
-                inner, count = struct.unpack_from("<IQ", buf, pos)
-                pos += 12
-                if inner in _DTYPES:
-                    arr = np.frombuffer(buf, dtype=_DTYPES[inner], count=count, offset=pos)
-                    pos += arr.nbytes
-                    return arr.tolist()
-                return [value(inner) for _ in range(count)]
-            fmt = _SCALARS.get(kind)
-            if fmt is None:
-                raise ValueError(f"{path}: unknown GGUF value type {kind}")
-            out, = struct.unpack_from("<" + fmt, buf, pos)
-            pos += struct.calcsize(fmt)
-            return out
-
-        meta: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = string()
-            kind, = struct.unpack_from("<I", buf, pos)
-            pos += 4
-            meta[key] = value(kind)
-        return meta
+    return read_header(Path(path), arrays=True, tensors=False).kv
 
 
 def _int(meta: dict[str, Any], key: str) -> int | None:

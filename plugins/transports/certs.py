@@ -19,6 +19,8 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from tightwad_core.runtime.atomic import write_bytes
+
 
 def default_state_dir() -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
@@ -37,14 +39,6 @@ def normalize_fingerprint(text: str) -> str:
         raise ValueError(f"bad certificate fingerprint {text!r}: expected 'sha256:' and 64 hex "
                          "digits, as `tightwad rpc-worker` prints it")
     return "sha256:" + hexpart
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -80,10 +74,10 @@ def load_or_create(state_dir: Path) -> Identity:
                 .not_valid_before(now - datetime.timedelta(minutes=5))
                 .not_valid_after(now + datetime.timedelta(days=3650))
                 .sign(key, hashes.SHA256()))
-        _write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
-                                                   serialization.PrivateFormat.PKCS8,
-                                                   serialization.NoEncryption()))
-        _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        write_bytes(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                                serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()), mode=0o600)
+        write_bytes(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o600)
     der = ssl.PEM_cert_to_DER_cert(cert_path.read_text())
     return Identity(cert_path, key_path, fingerprint(der))
 
@@ -93,7 +87,7 @@ def load_or_create_token(state_dir: Path) -> str:
     path = state_dir / "token"
     if not path.is_file():
         state_dir.mkdir(parents=True, exist_ok=True)
-        _write_private(path, secrets.token_urlsafe(32).encode() + b"\n")
+        write_bytes(path, secrets.token_urlsafe(32).encode() + b"\n", mode=0o600)
     token = path.read_text().strip()
     if len(token) < 16:
         raise ValueError(f"the token in {path} is shorter than 16 characters")
