@@ -183,3 +183,26 @@ def test_a_users_profile_extends_a_shipped_one(tmp_path: Path) -> None:
     assert shown["sources"]["listen"] == "tightwad.toml [profiles.mine]"
     assert "(shipped)" in shown["sources"]["target.backend"]
     assert "max_body_bytes" not in shown["sources"]  # a default, set nowhere
+
+
+@pytest.mark.parametrize("cluster, says", [
+    ('experts = "balanced"\nplacement = "balanced"\n', "places experts, not layers"),
+    ('experts = "memory-proportional"\n', "no expert placement strategy named 'memory-proportional'"),
+    ('experts = "bogus"\n', "no expert placement strategy named 'bogus'"),
+    ('experts = "profile-guided"\n', "needs a routing profile"),
+    ('experts = "profile-guided"\nrouting_profile = "missing.json"\n', "missing.json is not a file"),
+    ('experts = "balanced"\nexpert_cpu = "lots"\n', "cluster.expert_cpu"),
+])
+def test_config_check_catches_what_the_pool_would_refuse(tmp_path: Path, cluster: str,
+                                                         says: str) -> None:
+    """An expert placement the pool would refuse at `tightwad start` is caught by
+    `config check` already, in one line."""
+    (tmp_path / "tightwad.toml").write_text(
+        '[profiles.p]\n[profiles.p.target]\nbackend = "llama-server"\nmodel_path = "m.gguf"\n'
+        '[profiles.p.cluster]\n' + cluster +
+        '[[profiles.p.cluster.workers]]\nname = "a"\nhost = "127.0.0.1"\nport = 50052\n')
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")  # the model's file is there; only the names are wrong
+    r = _cli("config", "check", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+    line = r.stderr.strip()
+    assert line.count("\n") == 0 and says in line and "profiles.p" in line, line

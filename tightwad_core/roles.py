@@ -33,6 +33,7 @@ from tightwad_core.vocab import Vocab
 
 if TYPE_CHECKING:
     from tightwad_core.cluster.pool import RpcPool
+    from tightwad_core.moe.plan import ExpertProblem
 
 
 POOL_CAPABILITY = "rpc-pool"
@@ -147,6 +148,23 @@ class PlacementStrategy(Protocol):
         for the user) when the tensors do not fit."""
 
 
+class ExpertPlacement(Protocol):
+    """Assigns a MoE model's fused expert tensors to devices (`tightwad moe
+    plan`, a cluster's ``experts``), for llama.cpp's ``--override-tensor``.
+    Registered through ``register_placement_strategies`` like the layer
+    strategies and told apart from them by ``place_experts``."""
+
+    name: str
+    rank: int  # "auto" takes the lowest rank whose needs the inputs meet
+    needs_profile: bool  # plans only with a routing profile
+
+    def place_experts(self, problem: ExpertProblem) -> dict[str, str]:
+        """Tensor name -> device name for every tensor of every projection in
+        ``problem.model`` (a projection's weight and bias on one device), none
+        beyond a device's memory. Raises `tightwad_core.moe.plan.PlanError`
+        (one line for the user) when they do not fit."""
+
+
 class Transport(Protocol):
     """How the coordinator reaches one rpc-server of a cluster's pool. The
     pool relays llama.cpp's RPC connections through ``connect`` (counting
@@ -199,7 +217,7 @@ class ModeFactory(Protocol):
 
 
 class PlacementFactory(Protocol):
-    def __call__(self) -> PlacementStrategy: ...
+    def __call__(self) -> PlacementStrategy | ExpertPlacement: ...
 
 
 class TransportFactory(Protocol):
@@ -214,5 +232,6 @@ def best_verifier(verifiers: Mapping[str, VerifierFactory],
 
 
 __all__ = ["Backend", "BackendConfig", "BackendContext", "BackendFactory", "Mode", "ModeContext",
-           "ModeFactory", "PlacementFactory", "PlacementStrategy", "Profile", "TokenBackend",
-           "Transport", "TransportFactory", "VerifierFactory", "best_verifier", "POOL_CAPABILITY"]
+           "ModeFactory", "ExpertPlacement", "PlacementFactory", "PlacementStrategy", "Profile",
+           "TokenBackend", "Transport", "TransportFactory", "VerifierFactory", "best_verifier",
+           "POOL_CAPABILITY"]

@@ -5,11 +5,12 @@ llama-server-shaped helper routes, and the plain OpenAI routes (see
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from quart import Response, current_app, request
 from quart_trio import QuartTrio
 
-from tightwad_core.errors import BadRequest
+from tightwad_core.errors import BadRequest, TightwadError
 from tightwad_core.http.common import decode_body
 from tightwad_core.http.serving import BrowserPolicy, guard, json_response
 from tightwad_plugins.worker.engine import Engine
@@ -21,6 +22,7 @@ from tightwad_plugins.worker.protocol import (
     VerifyRequest,
     check_tokens,
 )
+from tightwad_plugins.worker.routing import NoExperts, RoutingNotRecorded, RoutingRecorder
 
 log = logging.getLogger("tightwad.worker")
 
@@ -28,6 +30,28 @@ log = logging.getLogger("tightwad.worker")
 def engine() -> Engine:
     eng: Engine = current_app.config["WORKER_ENGINE"]
     return eng
+
+
+def recorder(eng: Engine) -> RoutingRecorder:
+    """The routing recorder, or the error that says why there is none."""
+    rec = eng.context.routing
+    if not eng.context.record_routing:
+        raise RoutingNotRecorded("this worker does not record routing: start it with "
+                                 "--record-routing")
+    if rec is None:
+        raise NoExperts(f"{eng.model.path.name} has no experts: there is no routing to record")
+    if rec.error is not None:
+        raise TightwadError(rec.error)
+    return rec
+
+
+def routing_info(eng: Engine) -> dict[str, Any]:
+    """What /v1/tightwad/info says about routing recording."""
+    rec = eng.context.routing
+    return {"record_routing": eng.context.record_routing,
+            "routing": None if rec is None else {
+                "moe_layers": len(rec.layers), "expert_count": rec.n_expert,
+                "expert_used_count": rec.n_used, "tokens": rec.tokens, "error": rec.error}}
 
 
 def create_worker_app(eng: Engine, api_key: str | None = None, max_body_bytes: int = 8 << 20,
@@ -65,7 +89,15 @@ def create_worker_app(eng: Engine, api_key: str | None = None, max_body_bytes: i
 
     @app.get("/v1/tightwad/info")
     async def info() -> Response:
-        return json_response(eng.info())
+        return json_response({**eng.info(), **routing_info(eng)})
+
+    @app.get("/v1/tightwad/routing")
+    async def routing() -> Response:
+        return json_response(recorder(eng).profile())
+
+    @app.post("/v1/tightwad/routing/reset")
+    async def routing_reset() -> Response:
+        return json_response(recorder(eng).profile(reset=True))
 
     # ------------------------------------------------------------ llama-server shapes
 

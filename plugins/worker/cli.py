@@ -47,6 +47,7 @@ async def serve_worker(model: Path, host: str = "127.0.0.1", port: int = 8090, *
                        rpc: list[str] | None = None, kv_unified: bool = True,
                        tensor_split: list[float] | None = None,
                        overrides: list[tuple[str, str]] | None = None, verbose: bool = False,
+                       record_routing: bool = False,
                        task_status: trio.TaskStatus[RunningWorker] = trio.TASK_STATUS_IGNORED,
                        ) -> None:
     """Load the model (in a thread), then serve until cancelled or until the
@@ -69,7 +70,7 @@ async def serve_worker(model: Path, host: str = "127.0.0.1", port: int = 8090, *
                                 n_gpu_layers=n_gpu_layers, devices=devices, rpc=rpc,
                                 tensor_split=tensor_split, overrides=overrides,
                                 queue_max=queue_max, queue_timeout=queue_timeout,
-                                unified=kv_unified)
+                                unified=kv_unified, record_routing=record_routing)
     except ValueError as exc:  # an unknown --device
         raise WorkerConfigError(str(exc)) from exc
     shutdown = trio.Event()
@@ -89,6 +90,11 @@ async def serve_worker(model: Path, host: str = "127.0.0.1", port: int = 8090, *
                      ", ".join(d.line() for d in eng.model.available) or "none")
             log.info("threads %d (usable cores: %d); llama.cpp: %s",
                      threads or usable_cores(), usable_cores(), eng.model.system_info())
+            if record_routing:
+                rec = eng.context.routing
+                log.info("recording routing: %s", "no experts in this model" if rec is None else
+                         f"{len(rec.layers)} MoE layers, {rec.n_expert} experts, "
+                         f"{rec.n_used} per token (GET /v1/tightwad/routing)")
             task_status.started(RunningWorker(binds[0], eng, shutdown))
     finally:
         await eng.close()
@@ -154,13 +160,18 @@ async def _until_signal(**kw: Any) -> None:
                    "(clients re-open expired sessions by re-sending the context).")
 @click.option("--max-tokens", "max_tokens_limit", default=4096, show_default=True,
               type=click.IntRange(1), help="Upper bound on max_tokens for plain completions.")
+@click.option("--record-routing", is_flag=True,
+              help="Count which experts a Mixture-of-Experts model's router picks, per layer, "
+                   "for every evaluated token; read the counts at GET /v1/tightwad/routing "
+                   "(`tightwad moe profile --worker URL`). Every position of a batch is then "
+                   "an output, so the last layer sees every token.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging, including llama.cpp's.")
 def worker_command(model_ref: str, host: str, port: int, slots: int, ctx: int,
                    queue_max: int, queue_timeout: float, n_gpu_layers: int | None,
                    devices: str | None, rpc: str | None, tensor_split: str | None,
                    override: str | None, kv_unified: bool,
                    threads: int | None, api_key: str | None, session_ttl: float,
-                   max_tokens_limit: int, verbose: bool) -> None:
+                   max_tokens_limit: int, record_routing: bool, verbose: bool) -> None:
     """Serve one model for speculative decoding: each verify request checks K
     draft tokens in one forward pass on a KV cache kept per session."""
     from tightwad_core.runtime.catalog import resolve_model
@@ -201,7 +212,7 @@ def worker_command(model_ref: str, host: str, port: int, slots: int, ctx: int,
                          max_tokens_limit=max_tokens_limit, queue_max=queue_max,
                          queue_timeout=queue_timeout, n_gpu_layers=n_gpu_layers,
                          devices=dev_list, kv_unified=kv_unified, verbose=verbose,
-                         tensor_split=split, overrides=pairs,
+                         tensor_split=split, overrides=pairs, record_routing=record_routing,
                          rpc=[e.strip() for e in rpc.split(",") if e.strip()] if rpc else None))
     except KeyboardInterrupt:
         pass

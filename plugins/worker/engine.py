@@ -48,12 +48,14 @@ class Engine:
 
     def __init__(self, model: Model, *, slots: int = 2, ctx: int = 4096,
                  session_ttl: float = 60.0, n_batch: int = 512, queue_max: int = 64,
-                 queue_timeout: float = 120.0, unified: bool = True) -> None:
+                 queue_timeout: float = 120.0, unified: bool = True,
+                 record_routing: bool = False) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
         self.model = model
         self.vocab = model.vocab
-        self.context = Context(model, slots, ctx, min(n_batch, ctx), unified=unified)
+        self.context = Context(model, slots, ctx, min(n_batch, ctx), unified=unified,
+                               record_routing=record_routing)
         self.scheduler = Scheduler(self.context)
         self.table = SessionTable([Slot(q) for q in self.context.seqs], session_ttl,
                                   queue_max=queue_max, queue_timeout=queue_timeout)

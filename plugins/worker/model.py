@@ -27,8 +27,10 @@ from tightwad_core.cluster.pool import OUTPUT_LAYER
 from tightwad_core.runtime.procs import usable_cores
 from tightwad_core.vocab import Vocab, file_fingerprint
 from tightwad_plugins.worker import devices as devs
+from tightwad_plugins.worker.routing import recorder_for
 
-#: Most positions whose logits one decode call returns (bounds the output buffer).
+#: Most positions whose logits one decode call returns (bounds the output buffer;
+#: a context recording routing asks llama.cpp for every position of a batch, see Context.step).
 MAX_OUTPUTS_PER_DECODE = 128
 #: A prefix another sequence holds is copied when it saves at least this many evaluations.
 MIN_COPY = 16
@@ -244,10 +246,15 @@ class Context:
     tokens each over one KV cache (unified: sequences may share cells)."""
 
     def __init__(self, model: Model, n_seq: int, n_ctx_seq: int, n_batch: int,
-                 unified: bool = True) -> None:
+                 unified: bool = True, record_routing: bool = False) -> None:
         llama_cpp = _lib()
         self.model = model
         params = llama_cpp.llama_context_default_params()
+        # --record-routing: count the router's choices (None for a model without experts)
+        self.record_routing = record_routing
+        self.routing = recorder_for(model.path, model.metadata) if record_routing else None
+        if self.routing is not None:  # the recorder holds the callback as long as we live
+            params.cb_eval = self.routing.callback
         params.n_ctx = n_ctx_seq * n_seq
         params.n_batch = n_batch
         params.n_ubatch = n_batch
@@ -354,7 +361,9 @@ class Context:
                 b.pos[n] = p
                 b.n_seq_id[n] = 1
                 b.seq_id[n][0] = j.seq.index
-                b.logits[n] = p >= j.first_out
+                # a recording context asks for every position, or llama.cpp skips the
+                # last layer (and its routing) for the others
+                b.logits[n] = p >= j.first_out or self.routing is not None
                 if p >= j.first_out:
                     outs.append((n, j, p))
                 n += 1

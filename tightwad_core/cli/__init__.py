@@ -5,7 +5,19 @@ plugins), `daemon` (start, stop, status, swap), `setup`, `bench`, `benchmark` (t
 
 from __future__ import annotations
 
-from tightwad_core.cli import admin, bench, benchmark, daemon, link, moe, run, setup  # noqa: F401  (each registers its commands)
+from tightwad_core.cli import (  # noqa: F401  (each registers its commands)
+    admin,
+    bench,
+    benchmark,
+    daemon,
+    link,
+    moe,
+    moe_bench,  # noqa: F401
+    moe_plan,  # noqa: F401
+    moe_routing,  # noqa: F401
+    run,
+    setup,
+)
 from tightwad_core.cli.main import builtin_config, main
 
 __all__ = ["builtin_config", "main"]

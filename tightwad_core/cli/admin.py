@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -18,6 +19,10 @@ from tightwad_core.config.profiles import (
     to_toml,
 )
 from tightwad_core.config.starter import STARTER
+
+if TYPE_CHECKING:
+    from tightwad_core.config.schema import ClusterConfig
+    from tightwad_core.plugins import Registry
 
 
 def _config_path(config: Path | None) -> Path:
@@ -54,6 +59,8 @@ def config_check(config: Path | None, profile: str | None, no_files: bool, as_js
         for name in names:
             _, prof = load_profile(path, name, check_files=not no_files)
             check_names(path, name, prof, known)
+            if prof.cluster is not None:
+                _check_cluster(path, name, prof.cluster, reg, check_files=not no_files)
             results.append({"profile": name, "mode": prof.mode, "description": prof.description})
     except ConfigError as exc:
         if as_json:
@@ -66,6 +73,27 @@ def config_check(config: Path | None, profile: str | None, no_files: bool, as_js
     for r in results:
         click.echo(f"ok  {r['profile']:<24} {r['mode']:<12} {r['description']}")
     click.echo(f"{path}: {len(results)} profile(s) valid")
+
+
+def _check_cluster(path: Path, name: str, cluster: ClusterConfig, reg: Registry, *,
+                   check_files: bool) -> None:
+    """What the pool would refuse at start: a layer strategy named as the
+    expert placement or the other way round, a bad `expert_cpu` or `speed`,
+    a missing routing profile. Nothing is contacted."""
+    import tempfile
+
+    from tightwad_core.cluster.pool import RpcPool
+
+    with tempfile.TemporaryDirectory(prefix="tightwad-check-") as run_dir:
+        try:
+            RpcPool.from_registry(cluster, reg, Path(run_dir), path.parent)
+        except ConfigError as exc:
+            raise ConfigError(f"{path} [profiles.{name}]: {exc}") from None
+    if check_files and cluster.routing_profile is not None:
+        routing = path.parent / cluster.routing_profile
+        if not routing.is_file():
+            raise ConfigError(f"{path} [profiles.{name}] field 'cluster.routing_profile': "
+                              f"{routing} is not a file")
 
 
 @config.command("show")

@@ -57,3 +57,91 @@ def moe_inspect(file: Path, as_json: bool) -> None:
             table.add_row(str(layer["layer"]), t["name"], t["kind"], t["type"],
                           "x".join(map(str, t["shape"])), human(t["bytes"]))
     console.print(table)
+
+
+def _rewrite(direction: str, src: Path, dst: Path, force: bool, as_json: bool) -> None:
+    import signal
+
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from tightwad_core.moe.defuse import rewrite
+    from tightwad_core.moe.inspect import MoeError
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    console = Console(stderr=True)
+    bar = Progress(TextColumn(f"{direction} [bold]{src.name}[/]"), BarColumn(), DownloadColumn(),
+                   TransferSpeedColumn(), TimeRemainingColumn(), console=console,
+                   disable=as_json or not console.is_terminal, transient=True)
+    task = bar.add_task(direction, total=None)
+    try:
+        with bar:
+            result = rewrite(src, dst, direction, force=force,
+                             progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except MoeError as exc:
+        _fail(str(exc))
+        return
+    except KeyboardInterrupt:
+        _fail(f"interrupted: {dst} was not written", code=130)
+        return
+    except OSError as exc:
+        _fail(f"{direction} failed: {exc.strerror or exc} ({exc.filename or dst}); {dst} was not written")
+        return
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    from tightwad_core.cluster.sizes import human
+
+    verb = "split" if direction == "defuse" else "joined"
+    click.echo(f"{dst}: {verb} {result['expert_tensors']} expert tensors; "
+               f"{result['tensors_in']} tensors in, {result['tensors_out']} out; "
+               f"{human(result['data_bytes'])} of tensor data in {result['seconds']:.1f} s")
+    if not result["input_canonical"]:
+        click.echo("note: the input's tensors were not laid out in order; the output is, so a "
+                   "round trip gives the same metadata and tensor bytes but not the same file")
+
+
+@moe.command("defuse")
+@click.argument("src", metavar="IN", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("dst", metavar="OUT", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
+def moe_defuse(src: Path, dst: Path, force: bool, as_json: bool) -> None:
+    """Split IN's fused expert tensors (blk.N.ffn_gate_exps.weight, ...) into one
+    tensor per expert (blk.N.ffn_gate.E.weight, ...) and write OUT.
+
+    Byte slicing, never dequantizing: every quantization type works. Metadata
+    is copied exactly, the tensor order kept (the experts take the fused
+    tensor's place), so `tightwad moe fuse OUT X` gives back IN byte for byte.
+    Memory stays small whatever the size; OUT appears only when complete.
+    Stock llama.cpp does not load the per-expert form (see docs/moe.md).
+    """
+    _rewrite("defuse", src, dst, force, as_json)
+
+
+@moe.command("fuse")
+@click.argument("src", metavar="IN", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("dst", metavar="OUT", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON.")
+def moe_fuse(src: Path, dst: Path, force: bool, as_json: bool) -> None:
+    """Join IN's per-expert tensors (blk.N.ffn_gate.E.weight, ...) back into one
+    fused tensor per projection, the form llama.cpp loads, and write OUT.
+
+    Every expert 0..E-1 of a projection must be there with one shape and
+    type. The fused tensor takes the place of its first expert. OUT appears
+    only when complete.
+    """
+    _rewrite("fuse", src, dst, force, as_json)

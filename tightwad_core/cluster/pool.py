@@ -31,8 +31,9 @@ from tightwad_core.config.schema import ClusterConfig, ConfigError, RpcWorkerCon
 from tightwad_core.runtime.rpc import RpcError, RpcInfo, engine_version, probe_stream, refusal
 
 if TYPE_CHECKING:
+    from tightwad_core.moe.plan import Plan
     from tightwad_core.plugins import Registry
-    from tightwad_core.roles import PlacementStrategy, Transport
+    from tightwad_core.roles import ExpertPlacement, PlacementStrategy, Transport
     from tightwad_core.runtime.procs import Supervised
 
 log = logging.getLogger("tightwad.cluster")
@@ -50,26 +51,35 @@ class PoolPlan:
     llama.cpp offloads the *last* ``--n-gpu-layers`` of the n + 1 layers
     (the output layer counts as the last), so every layer is offloaded and,
     with ``output_local``, the output layer is pulled back to the CPU with an
-    ``--override-tensor``; the split gives its slot to the last device."""
+    ``--override-tensor``; the split gives its slot to the last device. With
+    an expert plan, its patterns join that override (one flag, comma-separated)."""
 
     endpoints: list[str]  # the relays, in worker order
     n_devices: int        # RPC devices over all workers (RPC0, RPC1, ...)
     n_layer: int          # repeating layers of the model
     split: list[int]      # repeating layers per device
     output_local: bool
+    experts: tuple[tuple[str, str], ...] = ()  # (pattern, device: RPCn or CPU) of the expert plan
+    buffers: dict[str, str] = field(default_factory=dict)  # RPCn -> llama-server's buffer type name
 
     def args(self, devices: bool = True) -> list[str]:
         """The flags llama-server (and `tightwad worker`) take for it;
         ``devices``: name the RPC devices with ``--device`` (without it
-        llama-server keeps the layers on its own machine)."""
+        llama-server keeps the layers on its own machine) and the expert
+        overrides' RPC devices by llama-server's buffer types, ``RPC0[host:port]``
+        (`tightwad worker` takes the device names)."""
+        from tightwad_core.moe.plan import flag_value
+
         out = ["--rpc", ",".join(self.endpoints)]
         if devices:
             out += ["--device", ",".join(f"RPC{i}" for i in range(self.n_devices))]
         split = list(self.split)
         split[-1] += 1  # the output layer's slot in llama.cpp's split
         out += ["--n-gpu-layers", str(self.n_layer + 1), "--tensor-split", ",".join(map(str, split))]
-        if self.output_local:
-            out += ["--override-tensor", f"{OUTPUT_LAYER}=CPU"]
+        pairs = [(OUTPUT_LAYER, "CPU")] if self.output_local else []
+        pairs += [(pat, self.buffers.get(dev, dev) if devices else dev) for pat, dev in self.experts]
+        if pairs:
+            out += ["--override-tensor", flag_value(pairs)]
         return out
 
 
@@ -98,10 +108,14 @@ class RpcPool:
     the target its ``--rpc`` endpoints and split."""
 
     def __init__(self, cluster: ClusterConfig, transports: Mapping[str, Any],
-                 placement: PlacementStrategy, run_dir: Path) -> None:
+                 placement: PlacementStrategy, run_dir: Path,
+                 experts: ExpertPlacement | None = None, config_dir: Path | None = None) -> None:
         self.cluster = cluster
         self.placement = placement
+        self.experts = experts  # the expert placement (cluster.experts), None: experts follow their layer
         self.run_dir = run_dir
+        self.config_dir = config_dir or Path.cwd()  # where a relative routing_profile starts
+        self.expert_plan: Plan | None = None  # from the last `plan`
         self.members: list[Member] = []
         for w in cluster.workers:
             if w.launch and w.port == 0:  # a launched rpc-server on any free port
@@ -119,12 +133,33 @@ class RpcPool:
         self.started = False
 
     @classmethod
-    def from_registry(cls, cluster: ClusterConfig, registry: Registry, run_dir: Path) -> RpcPool:
+    def from_registry(cls, cluster: ClusterConfig, registry: Registry, run_dir: Path,
+                      config_dir: Path | None = None) -> RpcPool:
+        from tightwad_core.moe.plan import PlanError, parse_devices, pick_strategy
+
         try:
             placement = registry.get("placement_strategies", cluster.placement)()
         except KeyError as exc:
             raise ConfigError(f"field 'cluster.placement': {exc.args[0]}") from None
-        return cls(cluster, dict(registry.entries.get("transports", {})), placement, run_dir)
+        if not callable(getattr(placement, "assign", None)):
+            raise ConfigError(f"field 'cluster.placement': {cluster.placement!r} places experts, not "
+                              "layers: name it in `cluster.experts`")
+        experts = None
+        try:
+            if cluster.experts is not None:
+                experts = pick_strategy(registry, cluster.experts, cluster.routing_profile is not None)
+        except PlanError as exc:
+            raise ConfigError(f"field 'cluster.experts': {exc}") from None
+        try:
+            if cluster.expert_cpu is not None:
+                parse_devices(f"CPU={cluster.expert_cpu}")
+        except PlanError as exc:
+            raise ConfigError(f"field 'cluster.expert_cpu': {exc}") from None
+        bad = [w.name for w in cluster.workers if not w.speed > 0]
+        if bad:
+            raise ConfigError(f"cluster worker {bad[0]!r}: `speed` must be above zero")
+        return cls(cluster, dict(registry.entries.get("transports", {})), placement, run_dir,
+                   experts, config_dir)
 
     # ------------------------------------------------------------------ serving
 
@@ -279,25 +314,86 @@ class RpcPool:
                 out[f"{m.name}/{i}"] = int(offered * d.free / free) if offered else d.free
         return out
 
-    async def plan(self, model_file: Path) -> PoolPlan:
-        """Where the model's layers go: the placement strategy's split of the
-        repeating layers over the pool's devices (the output layer stays on
-        the target's machine when ``output_local``)."""
-        layers, n_layer = await trio.to_thread.run_sync(layer_sizes, model_file)
+    def layout(self, model_file: Path) -> tuple[dict[str, str], Plan | None, int]:
+        """Blocking (it reads the model's header): the layers' assignment to
+        the pool's devices, the expert plan (None unless ``cluster.experts``)
+        and the block count. With an expert plan the layers are placed
+        without their experts first; the experts then get what is left on
+        each device (RPC0.. in worker order) and ``expert_cpu``."""
+        from tightwad_core.moe.plan import (
+            Device,
+            ExpertProblem,
+            PlanError,
+            load_routing,
+            make_plan,
+            parse_devices,
+            read_model,
+        )
+
+        layers, n_layer = layer_sizes(model_file)
         devices = self.devices()
+        model = None
+        if self.experts is not None:
+            try:
+                model = read_model(model_file)
+            except PlanError as exc:
+                raise ConfigError(f"cluster.experts: {exc}") from None
+            for layer in model.layers:
+                layers[f"blk.{layer.index}"] -= layer.bytes
         try:
             assigned = self.placement.assign(layers, devices)
         except ValueError as exc:
             raise ConfigError(f"cluster placement ({self.placement.name}): {exc}") from None
+        if self.experts is None or model is None:
+            return assigned, None, n_layer
+        used = {d: 0 for d in devices}
+        for name, dev in assigned.items():
+            used[dev] += layers[name]
+        speeds = [m.cfg.speed for m in self.members
+                  for _ in range(len(m.info.devices) if m.info and m.info.devices else 1)]
+        devs = [Device(f"RPC{i}", max(0, devices[d] - used[d]), speeds[i])
+                for i, d in enumerate(devices)]
+        try:
+            if self.cluster.expert_cpu is not None:
+                devs += parse_devices(f"CPU={self.cluster.expert_cpu}")
+            profile = None
+            if self.cluster.routing_profile is not None:
+                profile = load_routing(self.config_dir / self.cluster.routing_profile, model)
+            problem = ExpertProblem(model, devs, profile, profile.ubatch if profile else 1)
+            return assigned, make_plan(problem, self.experts), n_layer
+        except PlanError as exc:
+            raise ConfigError(f"cluster.experts ({self.experts.name}): {exc}") from None
+
+    def buffer_names(self) -> dict[str, str]:
+        """RPCn -> the buffer type llama-server names it by, ``RPCj[endpoint]``
+        (j: the device's index on its worker)."""
+        from tightwad_core.moe.plan import rpc_buffer_names
+
+        return rpc_buffer_names([(m.endpoint or f"{m.cfg.host}:{m.cfg.port}",
+                                  len(m.info.devices) if m.info and m.info.devices else 1)
+                                 for m in self.members])
+
+    async def plan(self, model_file: Path) -> PoolPlan:
+        """Where the model's layers go: the placement strategy's split of the
+        repeating layers over the pool's devices (the output layer stays on
+        the target's machine when ``output_local``), and with ``experts`` the
+        expert plan's overrides."""
+        assigned, experts, n_layer = await trio.to_thread.run_sync(self.layout, model_file)
+        devices = self.devices()
         counts = {d: 0 for d in devices}
         for dev in assigned.values():
             counts[dev] += 1
         self.split = counts
+        self.expert_plan = experts
         log.info("placement %s: %s%s", self.placement.name,
                  ", ".join(f"{d} {c} layers" for d, c in counts.items()),
                  ", output layer local" if self.cluster.output_local else "")
+        if experts is not None:
+            log.info("experts %s: %s", experts.strategy, ", ".join(
+                f"{d['device']} {human(d['bytes'])}" for d in experts.devices()))
         return PoolPlan([m.endpoint for m in self.members], len(devices), n_layer,
-                        list(counts.values()), self.cluster.output_local)
+                        list(counts.values()), self.cluster.output_local,
+                        tuple(experts.overrides()) if experts else (), self.buffer_names())
 
     # ------------------------------------------------------------------ status
 
@@ -318,21 +414,22 @@ class RpcPool:
                 "bytes_down": m.stats.bytes_down, "round_trips": m.stats.round_trips,
             })
         return {"placement": self.placement.name, "output_local": self.cluster.output_local,
+                "experts": self.experts.name if self.experts else None,
                 "engine_protocol": str(engine_version() or "unknown"), "workers": workers}
 
 
 def layer_sizes(model_file: Path) -> tuple[dict[str, int], int]:
     """Bytes of each repeating layer (``blk.N``) of a GGUF, in order, and the block count."""
-    import gguf
+    from tightwad_core.runtime.ggufio import MoeError, read_header
 
     try:
-        reader = gguf.GGUFReader(str(model_file))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read the model {model_file}: {exc}") from None
+        header = read_header(model_file)
+    except MoeError as exc:
+        raise ConfigError(f"cannot read the model: {exc}") from None
     sizes: dict[int, int] = {}
-    for t in reader.tensors:
+    for t in header.tensors:
         parts = t.name.split(".")
         if parts[0] == "blk" and len(parts) > 1 and parts[1].isdigit():
-            sizes[int(parts[1])] = sizes.get(int(parts[1]), 0) + int(t.n_bytes)
+            sizes[int(parts[1])] = sizes.get(int(parts[1]), 0) + t.nbytes
     n = max(sizes) + 1 if sizes else 0
     return {f"blk.{i}": sizes.get(i, 0) for i in range(n)}, n

@@ -58,6 +58,7 @@ class RpcWorkerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     threads: int | None = None  # launch: CPU threads of that rpc-server
     extra_args: list[str] = []  # launch: further rpc-server arguments, e.g. ["-d", "CUDA0"]
     env: dict[str, str] = {}  # launch: environment of that rpc-server, e.g. {CUDA_VISIBLE_DEVICES = "1"}
+    speed: float = 1.0  # relative speed of its devices for `cluster.experts` (1.0 reads expert weights twice as fast as 0.5)
 
 
 class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -68,6 +69,9 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     output_local: bool = True  # keep the output layer on the target's own machine (hidden states cross the network, not float32 logits)
     connect_timeout: float = 5.0  # seconds a worker has to answer the RPC handshake
     rejoin_timeout: float = 600.0  # after a worker drops: seconds to wait for it to come back before giving up
+    experts: str | None = None  # expert placement strategy for a MoE target ("balanced", "profile-guided", "auto"); unset: a layer's experts stay with their layer
+    routing_profile: str | None = None  # routing profile (tightwad-moe-routing JSON) the expert placement uses; "profile-guided" needs one
+    expert_cpu: str | None = None  # MEMORY[@SPEED] of the coordinator's CPU offered to experts, e.g. "24GiB@0.3" (unset: experts stay on the pool)
 
 
 class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -86,7 +86,7 @@ async def serve_profile(
     pool = None
     if profile.cluster is not None:
         try:
-            pool = RpcPool.from_registry(profile.cluster, registry, run_dir)
+            pool = RpcPool.from_registry(profile.cluster, registry, run_dir, config_dir)
         except ConfigError as exc:
             raise ConfigError(f"profile {profile_name!r}: {exc}") from None
     backends = build_backends(profile_name, profile, registry, config_dir, run_dir, roles, pool)

@@ -5,24 +5,25 @@ llama.cpp stores a layer's experts *fused*: one tensor per projection,
 dimension. An *indexed* file keeps one tensor per expert,
 ``blk.N.ffn_{gate,up,down}.E.weight``. Shared experts (``*_shexp``) and the
 router (``ffn_gate_inp``) are reported beside them. Only the header is read
-(the tensors are memory-mapped, never loaded).
+(memory-mapped; the tensor data is never loaded).
 """
 
 from __future__ import annotations
 
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FUSED = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)_(exps|shexp)\.weight$")
-INDEXED = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
+from tightwad_core.runtime.ggufio import MoeError, read_header
+
+__all__ = ["MoeError", "inspect_file"]
+
+#: a layer's experts fused (``_exps``) or its shared experts (``_shexp``): weight, bias, scale
+FUSED = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)_(exps|shexp)\.([a-z_]+)$")
+#: one expert's tensor of the indexed form
+INDEXED = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)\.(\d+)\.([a-z_]+)$")
 ROUTER = re.compile(r"^blk\.(\d+)\.ffn_gate_inp\.weight$")
-
-
-class MoeError(Exception):
-    """A file that cannot be inspected; the message is one line for the user."""
 
 
 @dataclass
@@ -50,30 +51,14 @@ class Layer:
 def inspect_file(path: Path) -> dict[str, Any]:
     """The MoE facts of a GGUF as a JSON-ready dict (``moe`` false when the
     file has no expert tensors)."""
-    import gguf
-
     path = Path(path)
-    if not path.is_file():
-        raise MoeError(f"{path} is not a file")
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except (OSError, ValueError, IndexError, KeyError, EOFError, struct.error) as exc:
-        raise MoeError(f"{path} is not a readable GGUF file (truncated or corrupt?): {exc}") from None
-
-    def meta(key: str) -> Any:
-        f = reader.fields.get(key)
-        if f is None or not f.data:
-            return None
-        value = f.parts[f.data[0]]
-        if f.types and f.types[0] == gguf.GGUFValueType.STRING:
-            return bytes(value).decode("utf-8", "replace")
-        return value.tolist()[0] if hasattr(value, "tolist") else value
-
+    header = read_header(path)
+    meta = header.meta
     arch = meta("general.architecture") or "unknown"
     layers: dict[int, Layer] = {}
     total = 0
-    for t in reader.tensors:
-        total += int(t.n_bytes)
+    for t in header.tensors:
+        total += t.nbytes
         name = t.name
         kind = projection = None
         expert = None
@@ -88,8 +73,8 @@ def inspect_file(path: Path) -> dict[str, Any]:
         else:
             continue
         layer = layers.setdefault(int(m.group(1)), Layer(int(m.group(1))))
-        layer.tensors.append(ExpertTensor(name, kind, projection, expert, t.tensor_type.name,
-                                          [int(x) for x in t.shape], int(t.n_bytes)))
+        layer.tensors.append(ExpertTensor(name, kind, projection, expert, t.type_name,
+                                          list(t.shape), t.nbytes))
     kinds = {x.kind for layer in layers.values() for x in layer.tensors} - {"shared"}
     layout = "fused" if kinds == {"fused"} else "indexed" if kinds == {"indexed"} else (
         "mixed" if kinds else "none")

@@ -131,13 +131,13 @@ def _random_weights(cfg: _Config, vocab: TinyVocab, seed: int) -> dict[str, np.n
 
 def _write(path: Path, cfg: _Config, vocab: TinyVocab, weights: dict[str, np.ndarray], *,
            n_ctx: int, chat_template: str | None, dtype: str, name: str,
-           extra: Callable[[gguf.GGUFWriter], None] | None = None) -> Path:
+           extra: Callable[[gguf.GGUFWriter], None] | None = None, arch: str = "llama") -> Path:
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, not {dtype!r}")
     qtype, ftype = _DTYPES[dtype]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(name)
     writer.add_file_type(int(ftype))
     writer.add_context_length(n_ctx)
