@@ -30,9 +30,10 @@ def state_dir() -> Path:
     return Path(base) / "tightwad" / "running"
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` still is a `tightwad run` (a stale record's pid may
-    have been given to another program since: that one is left alone)."""
+def _alive(pid: int, verb: bytes = b"run") -> bool:
+    """Whether ``pid`` still is a `tightwad run` (``verb``: another `tightwad`
+    command; a stale record's pid may have been given to another program
+    since: that one is left alone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -45,7 +46,7 @@ def _alive(pid: int) -> bool:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return True  # no /proc (not Linux): trust the record
-    return any(a.endswith(b"tightwad") for a in argv) and b"run" in argv
+    return any(a.endswith(b"tightwad") for a in argv) and verb in argv
 
 
 def _record(name: str) -> Path:
@@ -142,7 +143,7 @@ def start(config: Path | None, profile: str | None, listen: str | None, timeout:
                f"log {log_path}; `tightwad stop -p {name}` ends it")
 
 
-def _stop(pid: int, grace: float = 30.0) -> bool:
+def _stop(pid: int, grace: float = 30.0, verb: bytes = b"run") -> bool:
     """SIGTERM the process group, then SIGKILL after ``grace`` s; whether it ended."""
     try:
         os.killpg(pid, signal.SIGTERM)
@@ -150,14 +151,14 @@ def _stop(pid: int, grace: float = 30.0) -> bool:
         return True
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not _alive(pid, verb):
             return True
         time.sleep(0.2)
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    return not _alive(pid)
+    return not _alive(pid, verb)
 
 
 def _auth_headers(rec: dict[str, Any], config: Path | None) -> dict[str, str]:
@@ -229,6 +230,7 @@ def status(config: Path | None, profile: str | None, as_json: bool) -> None:
                 resp = httpx.get(r["url"] + "/v1/tightwad/status", headers=headers, timeout=10)
                 entry["status"] = resp.json() if resp.status_code == 200 else None
                 entry["error"] = None if resp.status_code == 200 else f"HTTP {resp.status_code}"
+                _agents(entry["status"])
             except (httpx.HTTPError, ValueError) as exc:
                 entry["status"], entry["error"] = None, f"not answering: {exc}"
         out.append(entry)
@@ -243,6 +245,13 @@ def status(config: Path | None, profile: str | None, as_json: bool) -> None:
             _print(e)
     if not healthy:
         sys.exit(1)
+
+
+def _agents(status: dict[str, Any] | None) -> None:
+    """Each worker's peer agent (version, or why it cannot be asked)."""
+    from tightwad_core.peer.client import annotate_workers
+
+    annotate_workers(((status or {}).get("cluster") or {}).get("workers") or [])
 
 
 def _healthy(e: dict[str, Any]) -> bool:
@@ -278,12 +287,19 @@ def _print(e: dict[str, Any]) -> None:
     for col in ("name", "transport", "state", "backend", "protocol", "free / total", "layers",
                 "sent", "received", "round trips", "drops"):
         t.add_column(col)
+    agents = any(w.get("agent_report") for w in cluster["workers"])
+    if agents:
+        t.add_column("agent")
     for w in cluster["workers"]:
+        rep = w.get("agent_report")
+        agent = [] if not agents else ["-"] if rep is None else [
+            rep["detail"] if rep["state"] == "ok" else f"[red]{rep['detail']}[/]"]
         mem = " + ".join(f"{human(d['free'])} / {human(d['total'])}" for d in w["devices"]) or "-"
         state = w["state"] if w["state"] == "up" else f"[red]{w['state']}[/]: {w['detail']}"
         t.add_row(w["name"], w["transport"], state, w.get("backend") or "-", w["protocol"] or "-",
                   mem, str(w["layers"]),
-                  human(w["bytes_up"]), human(w["bytes_down"]), str(w["round_trips"]), str(w["drops"]))
+                  human(w["bytes_up"]), human(w["bytes_down"]), str(w["round_trips"]), str(w["drops"]),
+                  *agent)
     console.print(t)
 
 

@@ -21,6 +21,29 @@ def _fail(msg: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def byte_progress(quiet: bool = False, *, eta: bool = True, transient: bool = True) -> Any:
+    """A rich progress bar for bytes moving (description, bar, bytes, speed,
+    time left) on stderr; off with ``quiet`` (``--json``) or when stderr is
+    not a terminal."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    console = Console(stderr=True)
+    columns: list[Any] = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                          TransferSpeedColumn()]
+    if eta:
+        columns.append(TimeRemainingColumn())
+    return Progress(*columns, console=console, transient=transient,
+                    disable=quiet or not console.is_terminal)
+
+
 def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 

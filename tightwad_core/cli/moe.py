@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from tightwad_core.cli.main import _fail, main
+from tightwad_core.cli.main import _fail, byte_progress, main
 
 
 @main.group()
@@ -62,15 +62,7 @@ def moe_inspect(file: Path, as_json: bool) -> None:
 def _rewrite(direction: str, src: Path, dst: Path, force: bool, as_json: bool) -> None:
     import signal
 
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+    from rich.markup import escape
 
     from tightwad_core.moe.defuse import rewrite
     from tightwad_core.moe.inspect import MoeError
@@ -79,11 +71,8 @@ def _rewrite(direction: str, src: Path, dst: Path, force: bool, as_json: bool) -
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_term)
-    console = Console(stderr=True)
-    bar = Progress(TextColumn(f"{direction} [bold]{src.name}[/]"), BarColumn(), DownloadColumn(),
-                   TransferSpeedColumn(), TimeRemainingColumn(), console=console,
-                   disable=as_json or not console.is_terminal, transient=True)
-    task = bar.add_task(direction, total=None)
+    bar = byte_progress(as_json)
+    task = bar.add_task(f"{direction} [bold]{escape(src.name)}[/]", total=None)
     try:
         with bar:
             result = rewrite(src, dst, direction, force=force,

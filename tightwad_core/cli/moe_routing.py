@@ -47,7 +47,7 @@ async def _call(client: Any, method: str, path: str, where: str, limit: int,
     `TrafficError` (one line) for anything else."""
     import httpx
 
-    from tightwad_core.moe.bench import read_at_most
+    from tightwad_core.http.upstream import read_at_most
 
     try:
         async with client.stream(method, path, **kw) as resp:

@@ -412,6 +412,7 @@ class RpcPool:
                 "restarts": m.process.restarts if m.process else None,
                 "connections": m.stats.connections, "bytes_up": m.stats.bytes_up,
                 "bytes_down": m.stats.bytes_down, "round_trips": m.stats.round_trips,
+                "agent": m.cfg.agent, "agent_token_env": m.cfg.agent_token_env,
             })
         return {"placement": self.placement.name, "output_local": self.cluster.output_local,
                 "experts": self.experts.name if self.experts else None,

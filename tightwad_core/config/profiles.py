@@ -296,6 +296,8 @@ def _check_cluster(path: Path, name: str, prof: Profile) -> None:
         if not (0 < w.port < 65536 or w.port == 0 and w.launch):
             _raise(path, name, f"{where}.port", f"port {w.port} is out of range (0, a free port, "
                    "only with launch = true)")
+        if w.agent is not None:
+            _check_url(path, name, f"{where}.agent", w.agent)
         if w.launch and not is_loopback(w.host):
             _raise(path, name, f"{where}.launch", f"only an rpc-server on this machine can be launched, "
                    f"but host is {w.host!r}: run `tightwad rpc-worker` on that machine instead")

@@ -59,6 +59,8 @@ class RpcWorkerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     extra_args: list[str] = []  # launch: further rpc-server arguments, e.g. ["-d", "CUDA0"]
     env: dict[str, str] = {}  # launch: environment of that rpc-server, e.g. {CUDA_VISIBLE_DEVICES = "1"}
     speed: float = 1.0  # relative speed of its devices for `cluster.experts` (1.0 reads expert weights twice as fast as 0.5)
+    agent: str | None = None  # URL of the machine's peer agent (`tightwad peer start`), e.g. "http://10.0.0.5:9191": `tightwad status` shows its version
+    agent_token_env: str | None = None  # the environment variable holding that agent's token
 
 
 class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -96,8 +98,28 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cluster: ClusterConfig | None = None  # rpc-servers the target runs on (cluster mode; combined mode with speculation)
 
 
+class PeerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The peer agent of this machine (`tightwad peer start`): the top-level `[peer]` table."""
+
+    listen: str = "127.0.0.1:9191"  # host:port the agent listens on (beyond loopback only with a token)
+    token: str | None = None  # bearer token clients must send (at least 16 characters)
+    token_env: str | None = None  # ...or the environment variable that holds it
+    allow: list[str] = []  # client networks served, as CIDRs (e.g. "192.168.1.0/24"); empty: any address that has the token
+    model_dirs: list[str] = []  # folders whose files the agent lists as models and seeds to the swarm
+    peers: list[str] = []  # agent URLs of the other machines, e.g. "http://10.0.0.6:9191"
+    rpc_worker_binary: str | None = None  # the `tightwad` executable whose `rpc-worker` the agent starts (default: this install's)
+    rpc_ports: str = "50052-50059"  # ports the agent may start an rpc-worker on ("A-B", "A", or a comma-separated list of them)
+    discovery: bool = True  # announce the agent on the local network and hear the others (UDP multicast)
+    discovery_group: str = "239.255.91.91"  # multicast group of the announcements
+    discovery_port: int = 9192  # UDP port of the announcements
+    discovery_interface: str | None = None  # interface to announce and listen on, by IPv4 address or name (default: every IPv4 interface)
+    announce_interval: float = 5.0  # seconds between announcements
+    max_body_bytes: int = 65536  # largest request body accepted
+
+
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The whole file."""
 
     default_profile: str | None = None  # profile used when --profile is not given
     profiles: dict[str, dict[str, Any]] = {}  # name -> raw profile table
+    peer: PeerConfig | None = None  # the peer agent's settings (`tightwad peer start`)

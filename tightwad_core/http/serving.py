@@ -126,9 +126,11 @@ def _check_json(method: str) -> None:
 
 def guard(app: QuartTrio, *, api_key: str | None, max_body_bytes: int,
           render: Callable[[TightwadError], Response],
-          browser: BrowserPolicy | None = None) -> None:
+          browser: BrowserPolicy | None = None,
+          open_paths: frozenset[str] = OPEN_PATHS) -> None:
     """Install auth, the browser checks, the body limit and the error handlers
-    on ``app``. ``render`` turns an error into the response body clients expect."""
+    on ``app``. ``render`` turns an error into the response body clients expect;
+    ``open_paths`` are served without the bearer token."""
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # streams may run long
     app.config["BODY_TIMEOUT"] = 60
@@ -146,7 +148,7 @@ def guard(app: QuartTrio, *, api_key: str | None, max_body_bytes: int,
                 "Access-Control-Allow-Headers": request.headers.get(
                     "access-control-request-headers", "authorization, content-type"),
                 "Access-Control-Max-Age": "600", "Vary": "Origin"})
-        if request.path not in OPEN_PATHS:
+        if request.path not in open_paths:
             check_bearer(api_key, request.headers.get("authorization"))
         length = request.content_length
         if length is not None and length > max_body_bytes:
@@ -172,8 +174,10 @@ def guard(app: QuartTrio, *, api_key: str | None, max_body_bytes: int,
     @app.errorhandler(HTTPException)
     async def _http(exc: HTTPException) -> Response:
         status = exc.code or 500
-        if status == 413:
-            return render(PayloadTooLarge(f"request body is over the limit of {max_body_bytes} bytes"))
+        if status == 413:  # the rest of the body is never read: the connection must end
+            resp = render(PayloadTooLarge(f"request body is over the limit of {max_body_bytes} bytes"))
+            resp.headers["Connection"] = "close"
+            return resp
         err = TightwadError(exc.description or exc.name)
         err.status = status
         err.type = "not_found_error" if status == 404 else "invalid_request_error"

@@ -176,3 +176,14 @@ class OpenAIHTTPBackend(HTTPBackend):
             async for delta in stream_sse(client, self._path(req), body, req.kind, self.where,
                                           self.role):
                 yield delta
+
+
+async def read_at_most(resp: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    """The first ``limit`` bytes of a streamed response's (decoded) body, and
+    whether it held more; the rest is never read."""
+    buf = bytearray()
+    async for data in resp.aiter_bytes():
+        buf += data
+        if len(buf) > limit:
+            return bytes(buf[:limit]), True
+    return bytes(buf), False

@@ -31,6 +31,7 @@ import httpx
 import trio
 
 from tightwad_core.bench.prompts import BenchError
+from tightwad_core.http.upstream import read_at_most
 
 #: How long the bench waits for a proxy's counters to include a finished request.
 SETTLE_S = 2.0
@@ -144,17 +145,6 @@ def _error_message(body: bytes) -> str:
     if isinstance(err, dict):
         return _one_line(str(err.get("message") or err))
     return _one_line(str(err))
-
-
-async def read_at_most(resp: httpx.Response, limit: int) -> tuple[bytes, bool]:
-    """The first ``limit`` bytes of a streamed response's (decoded) body, and
-    whether it held more; the rest is never read."""
-    buf = bytearray()
-    async for data in resp.aiter_bytes():
-        buf += data
-        if len(buf) > limit:
-            return bytes(buf[:limit]), True
-    return bytes(buf), False
 
 
 async def _get_small(client: httpx.AsyncClient, path: str) -> tuple[int, bytes]:

@@ -93,7 +93,8 @@ class Supervised:
     Healthy once ``health_url`` answers 200 (or ``ready()`` says True, for
     processes that speak no HTTP). ``before_start`` runs before every start
     (e.g. waiting for the machines a process needs); its exception ends the
-    supervision."""
+    supervision. ``on_output``, when given, also receives each line the
+    process prints (stdout and stderr), as it comes."""
 
     def __init__(
         self,
@@ -108,6 +109,7 @@ class Supervised:
         startup_timeout: float = 180.0,
         restart: bool = True,
         max_backoff: float = 30.0,
+        on_output: Callable[[str], None] | None = None,
     ) -> None:
         self.name = name
         self.ready = ready
@@ -119,6 +121,7 @@ class Supervised:
         self.startup_timeout = startup_timeout
         self.restart = restart
         self.max_backoff = max_backoff
+        self.on_output = on_output
         self.healthy = False
         self.restarts = 0
         self.pid: int | None = None
@@ -133,37 +136,70 @@ class Supervised:
                 await self.before_start()
             with open(self.log_path, "ab") as logf:
                 proc = await trio.lowlevel.open_process(
-                    self.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                    self.argv, stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                    stdout=logf if self.on_output is None else subprocess.PIPE,
                     start_new_session=True, env=self.env,
                 )
             self.pid = proc.pid
-            try:
+            failure: StartupError | None = None
+            async with trio.open_nursery() as pumps:  # the output's reader, with on_output
+                if self.on_output is not None and proc.stdout is not None:
+                    pumps.start_soon(self._pump, proc.stdout, self.on_output)
                 try:
-                    await self._wait_healthy(proc)
-                except StartupError:
-                    if not started or not self.restart:
-                        raise
-                    log.warning("%s failed to come back: %s", self.name, log_tail(self.log_path, 3))
-                else:
-                    self.healthy = True
-                    backoff = 0.5
-                    if not started:
-                        started = True
-                        task_status.started()
-                    else:
-                        log.warning("%s is back (pid %s)", self.name, proc.pid)
-                    self.last_exit = await proc.wait()
+                    healthy = await self._start_once(proc, started, task_status)
+                    started = started or healthy
+                    backoff = 0.5 if healthy else backoff
+                except StartupError as exc:  # raised below, outside the nursery (not in a group)
+                    failure = exc
+                finally:
                     self.healthy = False
-                    log.warning("%s exited with status %s", self.name, self.last_exit)
-                    if not self.restart:
-                        raise StartupError(f"{self.name} exited with status {self.last_exit}")
-            finally:
-                self.healthy = False
-                with trio.CancelScope(shield=True):
-                    await stop_process(proc)
+                    with trio.CancelScope(shield=True):
+                        await stop_process(proc)
+                pumps.cancel_scope.deadline = trio.current_time() + 1.0  # its last lines
+            if failure is not None:
+                raise failure
             self.restarts += 1
             await trio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff)
+
+    async def _start_once(self, proc: trio.Process, started: bool,
+                          task_status: trio.TaskStatus[None]) -> bool:
+        """Wait for this start of the process to be healthy, then for its end;
+        whether it was healthy (False: it failed to come back, will be retried)."""
+        try:
+            await self._wait_healthy(proc)
+        except StartupError:
+            if not started or not self.restart:
+                raise
+            log.warning("%s failed to come back: %s", self.name, log_tail(self.log_path, 3))
+            return False
+        self.healthy = True
+        if not started:
+            task_status.started()
+        else:
+            log.warning("%s is back (pid %s)", self.name, proc.pid)
+        self.last_exit = await proc.wait()
+        self.healthy = False
+        log.warning("%s exited with status %s", self.name, self.last_exit)
+        if not self.restart:
+            raise StartupError(f"{self.name} exited with status {self.last_exit}")
+        return True
+
+    async def _pump(self, stream: trio.abc.ReceiveStream, sink: Callable[[str], None]) -> None:
+        """Copy the process's output to its log file and, line by line, to ``sink``."""
+        pending = b""
+        async with await trio.open_file(self.log_path, "ab") as logf:
+            async for chunk in stream:
+                await logf.write(chunk)
+                await logf.flush()
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    sink(line.decode("utf-8", "replace").rstrip("\r"))
+                if len(pending) > 65536:  # a line without an end: pass it on in pieces
+                    sink(pending.decode("utf-8", "replace"))
+                    pending = b""
+        if pending:
+            sink(pending.decode("utf-8", "replace"))
 
     async def _wait_healthy(self, proc: trio.Process) -> None:
         async with httpx.AsyncClient(timeout=2.0) as client:
