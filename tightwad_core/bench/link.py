@@ -268,13 +268,28 @@ async def _direction(src: trio.abc.Stream, dst: trio.abc.Stream, spec: LinkSpec,
             ended.append(counter)
 
 
+class _Ends(list[str]):
+    """The directions that ended, in order; ``first`` hears of the first one
+    the moment it ends, before the other side is closed."""
+
+    def __init__(self, first: Callable[[str], None] | None) -> None:
+        super().__init__()
+        self.first = first
+
+    def append(self, counter: str) -> None:
+        if not self and self.first is not None:
+            self.first("client" if counter == "bytes_up" else "upstream")
+        super().append(counter)
+
+
 async def relay(client: trio.abc.Stream, upstream: trio.abc.Stream, spec: LinkSpec,
-                stats: LinkStats) -> str:
+                stats: LinkStats, on_end: Callable[[str], None] | None = None) -> str:
     """Relay both ways until the connection ends; which side ended it first:
-    ``"client"`` or ``"upstream"``."""
+    ``"client"`` or ``"upstream"`` (also told to ``on_end`` at once, before the
+    other side learns of it: whoever watches the client then knows why)."""
     _nodelay(client)
     _nodelay(upstream)
-    ended: list[str] = []
+    ended = _Ends(on_end)
     async with trio.open_nursery() as nursery:
         run = partial(_direction, spec=spec, stats=stats, abort=nursery.cancel_scope, ended=ended)
         nursery.start_soon(partial(run, client, upstream, counter="bytes_up"))

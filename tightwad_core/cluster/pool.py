@@ -219,10 +219,12 @@ class RpcPool:
                     m.stats.failed += 1
                     self._mark(m, "down", str(exc))
                     return
+                def dropped(side: str) -> None:  # before llama.cpp sees its socket close
+                    if side == "upstream":
+                        self._mark(m, "dropped", "it closed the connection")
+
                 async with upstream:
-                    ended = await relay(client, upstream, m.transport.link, m.stats)
-                if ended == "upstream":
-                    self._mark(m, "dropped", "it closed the connection")
+                    await relay(client, upstream, m.transport.link, m.stats, on_end=dropped)
         finally:
             m.stats.active -= 1
 
