@@ -144,6 +144,22 @@ async def test_a_worker_down_at_start_is_named(tmp_path, model):
             await start_proxy(nursery, _profile(model, [_launched("ok"), dead]), tmp_path)
 
 
+async def test_a_workers_agent_of_another_version_is_reported_at_start(nursery, tmp_path, model,
+                                                                      caplog):
+    from test_discovery import agent_like, serve_http
+
+    other = await serve_http(nursery, agent_like(version="9.9.9", token=None))
+    gone = f"http://127.0.0.1:{free_port()}"
+    profile = _profile(model, [_launched("a", agent=other), _launched("b", agent=gone)])
+    with caplog.at_level("WARNING", logger="tightwad.cluster"):
+        running = await start_proxy(nursery, profile, tmp_path)
+    text = caplog.text
+    assert "rpc worker a: version mismatch: the agent runs tightwad 9.9.9" in text
+    assert "rpc worker b: peer agent: agent unreachable" in text
+    async with httpx.AsyncClient(timeout=60) as c:  # the pool serves all the same
+        assert (await c.post(running.url + "/v1/completions", json=BODY)).status_code == 200
+
+
 async def test_a_worker_of_another_protocol_is_refused(tmp_path, model):
     ours = rpc.engine_version()
     assert ours is not None

@@ -15,6 +15,7 @@ the one-machine test bed.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -178,6 +179,7 @@ class RpcPool:
                 for m in self.members:
                     m.endpoint = await nursery.start(self._relay, m)
                 await self.check()
+                await self.check_agents()
             except (RpcError, StartupError, OSError) as exc:  # one line for the user, unwrapped
                 failure = exc
                 nursery.cancel_scope.cancel()
@@ -270,6 +272,27 @@ class RpcPool:
                 log.info("rpc worker %s up: protocol %s, %s free (%s)", m.name, info.version,
                          human(info.free), m.transport.describe())
             m.state, m.detail = "up", ""
+
+    async def check_agents(self) -> None:
+        """For workers that name their peer ``agent``: say in the log when it
+        runs another tightwad version than this coordinator, or cannot be
+        asked (the RPC handshake has already decided whether the pool works)."""
+        from tightwad_core.peer.client import agent_report
+
+        async def one(m: Member) -> None:
+            env = m.cfg.agent_token_env
+            token = os.environ.get(env) if env else None
+            report = await trio.to_thread.run_sync(agent_report, m.cfg.agent, token, 3.0)
+            if report["state"] == "mismatch":
+                log.warning("rpc worker %s: %s; run the same version on every machine",
+                            m.name, report["detail"])
+            elif report["state"] != "ok":
+                log.warning("rpc worker %s: peer agent: %s", m.name, report["detail"])
+
+        async with trio.open_nursery() as nursery:
+            for m in self.members:
+                if m.cfg.agent:
+                    nursery.start_soon(one, m)
 
     async def wait_ready(self) -> None:
         """Before the target (re)starts: handshake every worker, waiting up to
