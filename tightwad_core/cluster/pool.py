@@ -279,10 +279,10 @@ class RpcPool:
         asked (the RPC handshake has already decided whether the pool works)."""
         from tightwad_core.peer.client import agent_report
 
-        async def one(m: Member) -> None:
+        async def one(m: Member, url: str) -> None:
             env = m.cfg.agent_token_env
             token = os.environ.get(env) if env else None
-            report = await trio.to_thread.run_sync(agent_report, m.cfg.agent, token, 3.0)
+            report = await trio.to_thread.run_sync(agent_report, url, token, 3.0)
             if report["state"] == "mismatch":
                 log.warning("rpc worker %s: %s; run the same version on every machine",
                             m.name, report["detail"])
@@ -292,7 +292,7 @@ class RpcPool:
         async with trio.open_nursery() as nursery:
             for m in self.members:
                 if m.cfg.agent:
-                    nursery.start_soon(one, m)
+                    nursery.start_soon(one, m, m.cfg.agent)
 
     async def wait_ready(self) -> None:
         """Before the target (re)starts: handshake every worker, waiting up to
