@@ -21,7 +21,7 @@ from tightwad_core.config.profiles import (
     load_file,
     load_profile,
 )
-from tightwad_core.config.schema import ClusterConfig, PeerConfig, RpcWorkerConfig
+from tightwad_core.config.schema import ClusterConfig, GateConfig, PeerConfig, RpcWorkerConfig
 from tightwad_core.plugins import load_registry, new_plugin_manager
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +109,8 @@ def table(text: str) -> dict[str, list[str]]:
                                                  (SpeculationConfig, "Speculation fields"),
                                                  (ClusterConfig, "Cluster fields"),
                                                  (RpcWorkerConfig, "Cluster worker fields"),
-                                                 (PeerConfig, "Peer fields")])
+                                                 (PeerConfig, "Peer fields"),
+                                                 (GateConfig, "Gate fields")])
 def test_config_fields_are_documented(struct: type[msgspec.Struct], heading: str) -> None:
     docs = sections(DOCS / "config.md")
     assert heading in docs, f"docs/config.md has no '## {heading}' section ({struct.__name__})"

@@ -37,13 +37,22 @@ if TYPE_CHECKING:
 
 
 POOL_CAPABILITY = "rpc-pool"
+#: The role a mode lists to be handed the profile's ``drafters`` fleet: its
+#: backends arrive as ``"drafters.0"``, ``"drafters.1"``, ... in profile order.
+FLEET = "drafters"
+
+
+def fleet(backends: Mapping[str, Backend]) -> list[Backend]:
+    """The fleet's backends, in the profile's order."""
+    found = [(int(k.split(".", 1)[1]), b) for k, b in backends.items() if k.startswith(FLEET + ".")]
+    return [b for _, b in sorted(found, key=lambda kb: kb[0])]
 
 
 @dataclass(frozen=True)
 class BackendContext:
     """What a backend factory gets besides its own config."""
 
-    role: str  # "target" or "draft"
+    role: str  # "target", "draft" or "drafters.N"
     config_dir: Path  # folder of the config file (relative model paths start here)
     run_dir: Path  # where a launched server may write logs
     extra: dict[str, Any] = field(default_factory=dict)
@@ -234,4 +243,4 @@ def best_verifier(verifiers: Mapping[str, VerifierFactory],
 __all__ = ["Backend", "BackendConfig", "BackendContext", "BackendFactory", "Mode", "ModeContext",
            "ModeFactory", "ExpertPlacement", "PlacementFactory", "PlacementStrategy", "Profile",
            "TokenBackend", "Transport", "TransportFactory", "VerifierFactory", "best_verifier",
-           "POOL_CAPABILITY"]
+           "FLEET", "POOL_CAPABILITY", "fleet"]

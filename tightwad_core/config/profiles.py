@@ -265,6 +265,8 @@ def validate(path: Path, name: str, prof: Profile, check_files: bool = True) -> 
     _check_backend(path, name, "target", prof.target, check_files)
     if prof.draft is not None:
         _check_backend(path, name, "draft", prof.draft, check_files)
+    for i, be in enumerate(prof.drafters):
+        _check_backend(path, name, f"drafters[{i}]", be, check_files)
     spec = prof.speculation
     k = spec.max_draft_tokens
     if isinstance(k, str) and k != "auto" or isinstance(k, int) and not 0 <= k <= 64:
@@ -273,8 +275,34 @@ def validate(path: Path, name: str, prof: Profile, check_files: bool = True) -> 
         _raise(path, name, "speculation.k_max", "expected a number from 1 to 64")
     if spec.draft_timeout <= 0:
         _raise(path, name, "speculation.draft_timeout", "expected a positive number of seconds")
+    if spec.consensus not in CONSENSUS_MODES:
+        _raise(path, name, "speculation.consensus",
+               f"expected one of {', '.join(map(repr, CONSENSUS_MODES))}, got {spec.consensus!r}")
+    if spec.consensus_wait < 0:
+        _raise(path, name, "speculation.consensus_wait", "expected a number of seconds, 0 or more")
+    _check_gate(path, name, prof)
     if prof.cluster is not None:
         _check_cluster(path, name, prof)
+
+
+#: How several drafters' proposals make one (docs/speculation.md).
+CONSENSUS_MODES = ("strict", "majority", "any_disagree")
+
+
+def _check_gate(path: Path, name: str, prof: Profile) -> None:
+    gate = prof.gate
+    if gate.pick not in ("round-robin", "least-busy"):
+        _raise(path, name, "gate.pick", f'expected "round-robin" or "least-busy", got {gate.pick!r}')
+    if gate.review not in ("scores", "judge"):
+        _raise(path, name, "gate.review", f'expected "scores" or "judge", got {gate.review!r}')
+    if gate.threshold < 0:
+        _raise(path, name, "gate.threshold", "expected a margin in nats, 0 or more")
+    if not 0.0 <= gate.min_prefix <= 1.0:
+        _raise(path, name, "gate.min_prefix", "expected a share from 0 to 1")
+    if not 0 <= gate.cache_entries <= 100_000:
+        _raise(path, name, "gate.cache_entries", "expected a number from 0 to 100000")
+    if gate.draft_timeout <= 0:
+        _raise(path, name, "gate.draft_timeout", "expected a positive number of seconds")
 
 
 def _check_cluster(path: Path, name: str, prof: Profile) -> None:
@@ -326,6 +354,8 @@ def check_names(path: Path, name: str, prof: Profile, known: Mapping[str, Sequen
         cfg = getattr(prof, role)
         if cfg is not None:
             one(f"{role}.backend", cfg.backend, "backends")
+    for i, cfg in enumerate(prof.drafters):
+        one(f"drafters[{i}].backend", cfg.backend, "backends")
     one("speculation.verifier", prof.speculation.verifier, "verifiers", ("auto",))
     if prof.cluster is not None and "placement_strategies" in known:
         one("cluster.placement", prof.cluster.placement, "placement_strategies")

@@ -39,6 +39,20 @@ class SpeculationConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     fallback_on_draft_failure: bool = True  # a failing or slow draft lets the request go on with the target alone
     draft_timeout: float = 5.0  # seconds one proposal may take before the round goes on without it
     overlap_draft: bool = False  # draft the next round while the target verifies this one (exact; pays when verify waits on a network)
+    consensus: str = "strict"  # with several `drafters`: "strict" (all agree), "majority" or "any_disagree" (every branch verified as a tree)
+    consensus_wait: float = 0.5  # seconds a round waits for the other drafters after the first answers (later ones are left out of that round)
+
+
+class GateConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """How the `gate` mode has drafters write answers and the target review them."""
+
+    pick: str = "round-robin"  # which drafter writes a response: "round-robin" or "least-busy"
+    review: str = "scores"  # "scores": the target scores the draft in one pass; "judge": the target is asked in a prompt (chat-only targets)
+    threshold: float = 2.0  # log-probability margin (nats) by which the target's own choice must beat a draft token for a real disagreement
+    min_prefix: float = 0.25  # a draft agreed for less than this share of its tokens is rejected (a fresh target answer); otherwise corrected
+    fail_open: bool = False  # a failed review passes the unreviewed draft (labelled) instead of failing the request
+    cache_entries: int = 256  # reviewed answers kept for identical greedy requests (0: no cache)
+    draft_timeout: float = 120.0  # seconds a drafter may take to write a whole response before the next one is tried
 
 
 class RpcWorkerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -94,8 +108,10 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     truncate: str = "error"  # a chat longer than the context: "error" (a 400 saying what to raise) or "oldest" (Ollama routes drop the oldest turns, as Ollama does)
     target: BackendConfig | None = None  # the model whose output is served
     draft: BackendConfig | None = None  # the cheap model that proposes tokens
+    drafters: list[BackendConfig] = []  # a fleet of drafters: multi-drafter consensus (speculative modes) or the gate's writers
     speculation: SpeculationConfig = msgspec.field(default_factory=SpeculationConfig)  # settings of the speculative mode
     cluster: ClusterConfig | None = None  # rpc-servers the target runs on (cluster mode; combined mode with speculation)
+    gate: GateConfig = msgspec.field(default_factory=GateConfig)  # settings of the gate mode
 
 
 class PeerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

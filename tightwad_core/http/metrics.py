@@ -54,6 +54,24 @@ class _SpecCollector:
             yield fam
 
 
+class _ModeCollector:
+    """Families a mode describes itself: ``status()["metrics"]`` is a list of
+    ``{"name", "help", "type": "counter" | "gauge", "labels": [...],
+    "samples": [[[label values...], value], ...]}``."""
+
+    def __init__(self, st: ServerState) -> None:
+        self.st = st
+
+    def collect(self) -> Any:
+        for fam in self.st.mode.status().get("metrics") or ():
+            kind = CounterMetricFamily if fam.get("type") == "counter" else GaugeMetricFamily
+            m = kind(fam["name"], fam.get("help", ""), labels=list(fam.get("labels") or ()))
+            for labels, value in fam.get("samples") or ():
+                if value is not None:
+                    m.add_metric([str(v) for v in labels], float(value))
+            yield m
+
+
 class Metrics:
     def __init__(self, st: ServerState) -> None:
         self.registry = CollectorRegistry()
@@ -63,6 +81,7 @@ class Metrics:
                                  ["route"], registry=self.registry,
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.registry.register(_SpecCollector(st))
+        self.registry.register(_ModeCollector(st))
         self.started = time.time()
 
     def observe(self, route: str, status: int, seconds: float) -> None:

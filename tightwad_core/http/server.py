@@ -14,12 +14,19 @@ from typing import Any
 import trio
 
 from tightwad_core.cluster.pool import RpcPool
-from tightwad_core.config.profiles import ConfigError, Profile, is_loopback, parse_listen, secret
+from tightwad_core.config.profiles import (
+    BackendConfig,
+    ConfigError,
+    Profile,
+    is_loopback,
+    parse_listen,
+    secret,
+)
 from tightwad_core.http.app import create_app
 from tightwad_core.http.common import ServerState
 from tightwad_core.http.serving import serve_app
 from tightwad_core.plugins import Registry, load_registry
-from tightwad_core.roles import POOL_CAPABILITY, Backend, BackendContext, ModeContext
+from tightwad_core.roles import FLEET, POOL_CAPABILITY, Backend, BackendContext, ModeContext
 from tightwad_core.runtime.procs import StartupError
 from tightwad_core.runtime.rpc import RpcError
 
@@ -39,8 +46,20 @@ def build_backends(profile_name: str, profile: Profile, registry: Registry, conf
                    run_dir: Path, roles: tuple[str, ...], pool: RpcPool | None = None,
                    ) -> dict[str, Backend]:
     backends: dict[str, Backend] = {}
+    wanted: list[tuple[str, BackendConfig | None]] = []
     for role in roles:
-        cfg = getattr(profile, role, None)
+        if role == FLEET:
+            if not profile.drafters:
+                if "draft" in roles and profile.draft is not None:
+                    continue  # a single draft stands in for the fleet
+                raise ConfigError(f"profile {profile_name!r}: mode {profile.mode!r} needs "
+                                  "[[drafters]] tables")
+            wanted += [(f"{FLEET}.{i}", cfg) for i, cfg in enumerate(profile.drafters)]
+        elif role == "draft" and FLEET in roles and profile.draft is None and profile.drafters:
+            continue  # a fleet stands in for the single draft
+        else:
+            wanted.append((role, getattr(profile, role, None)))
+    for role, cfg in wanted:
         if cfg is None:
             raise ConfigError(f"profile {profile_name!r}: mode {profile.mode!r} needs a [{role}] table")
         try:

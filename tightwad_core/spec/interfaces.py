@@ -39,12 +39,19 @@ class Proposal(msgspec.Struct, frozen=True, kw_only=True):
     # proposed token was drawn from exactly this distribution.
     q: list[dict[int, float]] | None = None
     seconds: float = 0.0  # wall time spent drafting
+    # Greedy only: alternative continuations (each a list of token ids) a
+    # verifier with ``tree = True`` checks in the same pass; ``tokens`` is
+    # branch 0 and listed first. Other verifiers check ``tokens`` alone.
+    branches: list[list[int]] | None = None
+    # Approximate consensus only: the first ``trusted`` tokens are taken as
+    # they are, without the target's check (a verifier with ``trusts = True``).
+    trusted: int = 0
 
 
 class Verdict(msgspec.Struct, frozen=True, kw_only=True):
     """The target's answer to one proposal."""
 
-    accepted: int  # how many proposed tokens, from the start, the target keeps
+    accepted: int  # how many proposed tokens, from the start, are kept (trusted ones included)
     token: int  # the target's own token after them: correction or bonus
     # Further tokens the target generated itself after `token` (generate-compare
     # rungs only); emitted as they are, being the target's own.
@@ -53,6 +60,8 @@ class Verdict(msgspec.Struct, frozen=True, kw_only=True):
     # position (accepted tokens, then `token`); small gaps are numeric near-ties.
     gaps: list[float] | None = None
     seconds: float = 0.0  # wall time of the verify request, network included
+    # Which of the proposal's branches ``accepted`` counts along (0: ``tokens``).
+    branch: int = 0
     engine_seconds: float | None = None  # time the engine itself spent, when known
 
 
@@ -77,6 +86,8 @@ class Verifier(Protocol):
     async def open(self, prompt: list[int], sampling: SamplingParams) -> VerifySession:
         """Start a request whose context is `prompt` (token ids)."""
 
+    # Optional: ``tree: bool`` (checks ``Proposal.branches`` in one pass) and
+    # ``trusts: bool`` (takes ``Proposal.trusted`` tokens unchecked).
     # Optional: ``accepts(sampling) -> bool``, False when no draft token can be
     # accepted exactly under that sampler (the speculative mode then relays the
     # request instead of paying for drafts; status counts it as relayed_sampler).
