@@ -25,8 +25,10 @@ from tightwad_core.errors import BadRequest
 from tightwad_plugins.worker import rejection
 from tightwad_plugins.worker.model import Context, Job, Model
 from tightwad_plugins.worker.protocol import (
+    MAX_BRANCHES,
     MAX_DRAFT,
     MAX_Q_SUPPORT,
+    MAX_TREE_NODES,
     ContextFull,
     DraftRequest,
     DraftResponse,
@@ -38,6 +40,7 @@ from tightwad_plugins.worker.protocol import (
 )
 from tightwad_plugins.worker.scheduler import Scheduler
 from tightwad_plugins.worker.sessions import Session, SessionTable, Slot
+from tightwad_plugins.worker.tree import TreeJob, TreeResult, count_nodes
 
 log = logging.getLogger("tightwad.worker")
 T = TypeVar("T")
@@ -154,6 +157,8 @@ class Engine:
         tokens, draft = list(req.tokens), req.draft
         check_sampling(req.sampling)
         params = req.sampling.params()
+        if req.branches is not None:
+            return await self._verify_tree(req)
         if not 0 <= draft <= MAX_DRAFT:
             raise BadRequest(f"draft must be between 0 and {MAX_DRAFT}", param="draft")
         if draft >= len(tokens):
@@ -200,6 +205,63 @@ class Engine:
         self.rounds += 1
         return VerifyResponse(session=sess.id, accepted=accepted, token=token, n_past=n_past,
                               gaps=gaps, engine_ms=ms)
+
+    async def _verify_tree(self, req: VerifyRequest) -> VerifyResponse:
+        """Greedy verification of several branches in one decode (tree.py)."""
+        branches = [list(b) for b in req.branches or []]
+        tokens = list(req.tokens)
+        if not req.sampling.params().greedy:
+            raise BadRequest("branches are verified greedily only: use temperature 0",
+                             param="branches")
+        if req.draft != 0:
+            raise BadRequest("with branches, draft must be 0: the branches are the drafts",
+                             param="draft")
+        if not tokens:
+            raise BadRequest("tokens must hold at least one token (the last accepted token)",
+                             param="tokens")
+        if not 1 <= len(branches) <= MAX_BRANCHES:
+            raise BadRequest(f"branches must hold 1 to {MAX_BRANCHES} branches",
+                             param="branches")
+        for br in branches:
+            if len(br) > MAX_DRAFT:
+                raise BadRequest(f"a branch may hold at most {MAX_DRAFT} tokens",
+                                 param="branches")
+            check_tokens(br, self.vocab.n_vocab, param="branches")
+        check_tokens(tokens, self.vocab.n_vocab)
+        if req.max_new is not None:
+            if req.max_new < 1:
+                raise BadRequest("max_new must be at least 1", param="max_new")
+            branches = [br[:req.max_new] for br in branches]
+        nodes = count_nodes(branches)
+        if nodes > MAX_TREE_NODES or nodes + 1 > self.context.n_batch:
+            raise BadRequest(f"the branches hold {nodes} distinct positions; at most "
+                             f"{min(MAX_TREE_NODES, self.context.n_batch - 1)} are allowed",
+                             param="branches")
+        self._check_length(req.past, len(tokens) + max(len(br) for br in branches))
+        past = req.past
+
+        async def work(sess: Session) -> tuple[TreeResult, int, float]:
+            t0 = time.perf_counter()
+            at, new = past, tokens
+            if len(new) + nodes > self.context.n_batch:  # a long prompt: evaluated first
+                await self.evaluate(sess, at, new[:-1], 1, finish=lambda rows: None)
+                at, new = at + len(new) - 1, new[-1:]
+            # the unified cache shares cells between sequences; split caches cannot
+            lent = self.table.borrow(len(branches) - 1) if self.context.unified else []
+            try:
+                job = TreeJob(sess.slot.seq, at, new, branches[:1 + len(lent)],
+                              [s.seq for s in lent])
+                result: TreeResult = await self.scheduler.submit(job)
+            finally:
+                self.table.give_back(lent)
+            return result, 1 + len(lent), (time.perf_counter() - t0) * 1e3
+
+        sess, (res, verified, ms) = await self._round(req.session, past, tokens,
+                                                            req.sampling.seed, work)
+        self.rounds += 1
+        return VerifyResponse(session=sess.id, accepted=res.accepted, token=res.token,
+                              n_past=res.n_past, gaps=res.gaps, engine_ms=ms, branch=res.branch,
+                              tree_nodes=res.tree_nodes, branches_verified=verified)
 
     # ------------------------------------------------------------- draft
 
@@ -257,6 +319,7 @@ class Engine:
             "model": str(m.path),
             "chat_template": m.chat_template,
             "n_ctx": self.n_ctx,
+            "n_batch": c.n_batch,
             "n_vocab": self.vocab.n_vocab,
             "slots": len(t.slots),
             "sessions": len(t.by_id),
@@ -271,9 +334,11 @@ class Engine:
             "decodes": c.decodes,
             "evaluated_tokens": c.evaluated,
             "batched_decodes": c.batched,
+            "tree_decodes": c.tree_decodes,
             "kv_unified": c.unified,
             "n_gpu_layers": m.n_gpu_layers,
             "devices": [d.name for d in m.devices] or ["CPU"],
             "placement": m.placement(),
-            "capabilities": {"verify": True, "draft": True, "prompt_logprobs": True},
+            "capabilities": {"verify": True, "draft": True, "prompt_logprobs": True,
+                             "tree": c.unified},
         }

@@ -272,11 +272,13 @@ class Context:
         self.unified = unified
         self.n_ctx_seq = min(n_ctx_seq, int(llama_cpp.llama_n_ctx_seq(ctx)))
         self.n_batch = n_batch
-        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        # a token may belong to every sequence at once (tree verification, see tree.py)
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq)
         self.seqs = [Sequence(i, self.n_ctx_seq) for i in range(n_seq)]
         self.decodes = 0  # llama_decode calls
         self.batched = 0  # decodes that carried more than one sequence
         self.evaluated = 0  # tokens evaluated, all sequences together
+        self.tree_decodes = 0  # decodes that checked a tree of branches
 
     # ------------------------------------------------------------ sequences
 

@@ -28,6 +28,10 @@ MAX_DRAFT = 64
 MAX_Q_SUPPORT = 4096
 #: Most top alternatives per position in ``logprobs`` / ``prompt_logprobs``.
 MAX_TOP_LOGPROBS = 20
+#: Most branches one tree verify may carry.
+MAX_BRANCHES = 8
+#: Most distinct positions (shared prefixes merged) of one tree verify.
+MAX_TREE_NODES = MAX_DRAFT * 2
 
 
 class Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -67,6 +71,10 @@ class VerifyRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # The client emits at most this many more tokens; drafts beyond it are
     # neither evaluated nor checked.
     max_new: int | None = None
+    # Greedy only: alternative draft continuations checked in the same pass
+    # (a tree: shared prefixes are evaluated once). `tokens` then holds only
+    # the accepted tokens not evaluated yet and `draft` must be 0.
+    branches: list[list[int]] | None = None
 
 
 class VerifyResponse(msgspec.Struct, kw_only=True):
@@ -80,6 +88,12 @@ class VerifyResponse(msgspec.Struct, kw_only=True):
     # (the accepted drafts, then `token`); small values are near-ties.
     gaps: list[float] | None = None
     engine_ms: float = 0.0  # evaluation plus acceptance, HTTP excluded
+    # Tree verifies only (`branches` sent): the branch `accepted` counts along,
+    # the positions evaluated for the tree, and how many of the branches were
+    # checked (the first ones; fewer when too few sequences were free).
+    branch: int = 0
+    tree_nodes: int = 0
+    branches_verified: int | None = None
 
 
 class DraftRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -193,9 +193,34 @@ class SessionTable:
             await trio.sleep(period)
             self.expire()
 
+    # ---------------------------------------------------------------- borrowing
+
+    def borrow(self, n: int) -> list[Slot]:
+        """Up to ``n`` free sequences for one tree verify step (see tree.py);
+        nobody waits for a sequence while one is free, so none is taken from
+        a waiting request. Their caches are dropped by the step, so the ones
+        keeping the least for reuse go first."""
+        if self.waiting or n <= 0:
+            return []
+        free = sorted((s for s in self.slots if s.session is None), key=lambda s: s.n_past)[:n]
+        for s in free:
+            s.session = _BORROWED
+        return free
+
+    def give_back(self, slots: list[Slot]) -> None:
+        for s in slots:
+            if s.session is _BORROWED:
+                s.session = None
+                self._hand_over(s)
+
+    def borrowed(self) -> int:
+        return sum(1 for s in self.slots if s.session is _BORROWED)
+
     def in_use(self) -> int:
         return sum(1 for s in self.slots if s.session is not None)
 
 
 #: Marks a sequence handed to a waiter that has not built its session yet.
 _RESERVED: Session = Session.__new__(Session)
+#: Marks a free sequence lent to a tree verify step.
+_BORROWED: Session = Session.__new__(Session)
