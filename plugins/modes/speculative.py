@@ -18,13 +18,16 @@ from tightwad_core.errors import BadRequest, UnsupportedParam
 from tightwad_core.hookspecs import hookimpl
 from tightwad_core.records import Delta, GenRequest, Result
 from tightwad_core.roles import (
+    FLEET,
     Backend,
     ModeContext,
     ModeFactory,
     TokenBackend,
     VerifierFactory,
     best_verifier,
+    fleet,
 )
+from tightwad_core.spec.consensus import ConsensusDrafter, ConsensusRequest, metrics, snapshot
 from tightwad_core.spec.draftlen import DraftLength
 from tightwad_core.spec.interfaces import Drafter, SamplingParams, Verifier
 from tightwad_core.spec.loop import DraftGuard, RequestStats, speculate
@@ -66,12 +69,19 @@ def pick_rung(name: str, target: Backend,
 
 class SpeculativeMode:
     name = "speculative"
-    roles: ClassVar[tuple[str, ...]] = ("target", "draft")
+    roles: ClassVar[tuple[str, ...]] = ("target", "draft", FLEET)
+    #: Approximate consensus: agreed tokens are emitted without the target's check.
+    approximate: ClassVar[bool] = False
 
     def __init__(self, profile: Profile, backends: Mapping[str, Backend], context: ModeContext) -> None:
         self.profile = profile
         self.target = backends["target"]
-        self.draft_backend = backends["draft"]
+        # the single draft, or the fleet (a [draft] table joins it as its first member)
+        self.members = ([backends["draft"]] if "draft" in backends else []) + fleet(backends)
+        if not self.members:
+            raise ConfigError(f"mode {self.name!r} needs a [draft] table or [[drafters]] tables")
+        self.draft_backend = self.members[0]
+        self.consensus: ConsensusDrafter | None = None
         spec = profile.speculation
         pinned = spec.max_draft_tokens if isinstance(spec.max_draft_tokens, int) else None
         self.draft_length = DraftLength(pinned=pinned, k_max=spec.k_max, overlap=spec.overlap_draft)
@@ -95,24 +105,46 @@ class SpeculativeMode:
             return
         self.verifier = self.factory(target)
         self.text = TargetTokenizer(target)
-        draft_vocab = await vocab_of(self.draft_backend)
-        await self.text.load(fallback=draft_vocab)
-        drafter = next((d for cap, d in TOKEN_DRAFTERS if cap in self.draft_backend.capabilities), None)
-        if drafter is not None:
-            if draft_vocab is None:
-                log.warning("draft vocabulary not checked (no local model file); assuming it matches")
-            elif not same_vocab(draft_vocab, self.text.vocab):
-                raise ConfigError(
-                    f"the draft's vocabulary ({draft_vocab.n_vocab} tokens) differs from the target's "
-                    f"({self.text.vocab.n_vocab} tokens): token ids cannot be mapped; use a draft of the "
-                    "same family, or an openai/ollama draft (text, re-tokenized)")
-            self.drafter = drafter(self.draft_backend)
+        await self.text.load(fallback=await vocab_of(self.draft_backend))
+        drafters = [await self._drafter_for(b, i) for i, b in enumerate(self.members)]
+        spec = self.profile.speculation
+        if len(drafters) > 1:
+            self.consensus = ConsensusDrafter(
+                drafters, rule=spec.consensus, wait=spec.consensus_wait, budget_s=spec.draft_timeout,
+                fallback=spec.fallback_on_draft_failure, approximate=self.approximate,
+                tree=lambda: bool(getattr(self.verifier, "tree", False)))
+            self.drafter = self.consensus
+            # each member has draft_timeout; the round as a whole may also wait for the others
+            self.guard.budget_s = spec.draft_timeout + spec.consensus_wait + 1.0
+            if spec.overlap_draft:
+                log.info("overlap_draft is off with several drafters (each round's consensus "
+                         "needs every answer)")
+            log.info("consensus of %d drafters: %s%s", len(drafters), spec.consensus,
+                     " (branches verified as one tree)" if self.consensus.tree else "")
         else:
-            self.drafter = TextDrafter(self.draft_backend, self.text)
-            log.warning("draft %s speaks text: proposals are re-tokenized with the target's tokenizer "
-                        "(acceptance is lower than with a same-vocabulary draft)", self.draft_backend.kind)
+            self.drafter = drafters[0]
         log.info("speculative mode: %s; draft %s; K %s", self.verifier.label, self.drafter.name,
-                 self.profile.speculation.max_draft_tokens)
+                 spec.max_draft_tokens)
+
+    async def _drafter_for(self, backend: Backend, i: int) -> Drafter:
+        """The drafter for one draft backend: token ids when it shares the
+        target's vocabulary, text otherwise."""
+        assert self.text is not None
+        which = "the draft" if len(self.members) == 1 else f"drafter {i} ({backend.kind})"
+        draft_vocab = await vocab_of(backend)
+        drafter = next((d for cap, d in TOKEN_DRAFTERS if cap in backend.capabilities), None)
+        if drafter is None:
+            log.warning("%s speaks text: proposals are re-tokenized with the target's tokenizer "
+                        "(acceptance is lower than with a same-vocabulary draft)", which)
+            return TextDrafter(backend, self.text)
+        if draft_vocab is None:
+            log.warning("%s: vocabulary not checked (no local model file); assuming it matches", which)
+        elif not same_vocab(draft_vocab, self.text.vocab):
+            raise ConfigError(
+                f"{which}'s vocabulary ({draft_vocab.n_vocab} tokens) differs from the target's "
+                f"({self.text.vocab.n_vocab} tokens): token ids cannot be mapped; use a draft of the "
+                "same family, or an openai/ollama draft (text, re-tokenized)")
+        return drafter(backend)
 
     # ---- requests ---------------------------------------------------------
 
@@ -169,18 +201,25 @@ class SpeculativeMode:
                 yield d
             return
         stats = RequestStats()
+        # a fleet gives each request its own view (its figures, its last round)
+        drafter: Drafter | None = self.drafter
+        view: ConsensusRequest | None = None
+        if self.consensus is not None:
+            drafter = view = self.consensus.request()
         try:
             prompt = await self._prompt(req)
-            assert self.text is not None and self.verifier is not None and self.drafter is not None
+            assert self.text is not None and self.verifier is not None and drafter is not None
             async with aclosing(speculate(
-                    prompt, verifier=self.verifier, drafter=self.drafter, text=self.text,
+                    prompt, verifier=self.verifier, drafter=drafter, text=self.text,
                     sampling=self._sampling(req), max_tokens=req.max_tokens, stop=req.stop,
                     draft_length=self.draft_length, guard=self.guard, stats=stats,
-                    overlap=self.profile.speculation.overlap_draft)) as it:
+                    overlap=self.profile.speculation.overlap_draft and view is None)) as it:
                 async for d in it:
                     yield d
         finally:
             self.totals.add(stats)
+            if view is not None:
+                view.finish()
             if stats.tokens:
                 self._last_tokens = stats.tokens
 
@@ -215,11 +254,15 @@ class SpeculativeMode:
 
     def status(self) -> dict[str, Any]:
         label = self.verifier.label if self.verifier is not None else RELAY_LABEL
-        return {"mode": self.name, "verifier": {"rung": self.rung, "label": label, "exact": True,
-                                                "speedup": not self.relay_only},
-                "draft": None if self.drafter is None else self.drafter.name, "draft_length": self.draft_length.snapshot(),
-                "draft_health": {"usable": self.guard.usable(), "last_error": self.guard.last_error},
-                **self.totals.snapshot()}
+        out = {"mode": self.name, "verifier": {"rung": self.rung, "label": label, "exact": True,
+                                               "speedup": not self.relay_only},
+               "draft": None if self.drafter is None else self.drafter.name, "draft_length": self.draft_length.snapshot(),
+               "draft_health": {"usable": self.guard.usable(), "last_error": self.guard.last_error},
+               **self.totals.snapshot()}
+        if self.consensus is not None:
+            out["consensus"] = snapshot(self.consensus)
+            out["metrics"] = metrics(self.consensus)
+        return out
 
 
 @hookimpl

@@ -15,6 +15,13 @@ token, the rest is the next proposal, and drafting cost no time; otherwise
 it is thrown away (cancelled when the verdict shows the guess cannot hold).
 The output is the same either way: the next proposal is what the draft
 would have proposed from that context.
+
+A proposal may carry ``branches`` (several continuations a tree verifier
+checks in one pass; the verdict names the one ``accepted`` counts along) and
+``trusted`` tokens (approximate consensus: taken without the target's
+check, so they count as emitted but not as drafted or accepted). A drafter
+with an ``observe(proposal, verdict, emitted)`` method hears each round's
+outcome.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ class RequestStats:
     engine_s: float = 0.0  # engine time inside verify, when the verifier reports it
     wall_s: float = 0.0
     draft_failures: int = 0
+    trusted: int = 0  # approximate consensus: tokens emitted without the target's check
     ahead_hits: int = 0  # rounds whose proposal was drafted during the previous verify
     ks: list[int] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)  # greedy: top-2 gap per emitted token
@@ -86,7 +94,9 @@ async def _propose(drafter: Drafter, guard: DraftGuard, ctx: list[int], k: int,
     try:
         with trio.fail_after(guard.budget_s):
             prop = await drafter.propose(ctx, k, sampling)
+        branches = None if prop.branches is None else [b[:k] for b in prop.branches]
         return Proposal(tokens=prop.tokens[:k], q=None if prop.q is None else prop.q[:k],
+                        branches=branches, trusted=min(prop.trusted, k),
                         seconds=time.perf_counter() - t0)
     except (Exception, trio.TooSlowError) as exc:  # noqa: BLE001 - any drafter fault
         stats.draft_failures += 1
@@ -144,6 +154,8 @@ async def speculate(
     try:
         ctx = list(prompt)
         ahead: Proposal | None = None  # the next round's proposal, drafted during this one's verify
+        # a drafter may want each round's outcome (multi-drafter consensus credits its members)
+        observe = getattr(drafter, "observe", None)
         while emitter.finish is None:
             remaining = max_tokens - emitter.n
             k = min(draft_length.k(), remaining - 1) if drafter is not None and guard.usable() else 0
@@ -160,19 +172,27 @@ async def speculate(
                     session, proposal, drafter, guard, ctx, draft_length.peek(), sampling, stats)
             else:
                 verdict = await session.verify(proposal)
-            new = proposal.tokens[: verdict.accepted] + [verdict.token] + verdict.extra
+            proposed = proposal.tokens
+            if proposal.branches and 0 < verdict.branch < len(proposal.branches):
+                proposed = proposal.branches[verdict.branch]  # a tree verifier chose this branch
+            trusted = min(proposal.trusted, verdict.accepted)
+            new = proposed[: verdict.accepted] + [verdict.token] + verdict.extra
             ctx.extend(new)
+            if observe is not None:
+                observe(proposal, verdict, new)
             stats.rounds += 1
-            stats.drafted += len(proposal.tokens)
-            stats.accepted += verdict.accepted
+            # trusted tokens are no draft the target checked: kept out of acceptance
+            stats.drafted += len(proposed) - trusted
+            stats.accepted += verdict.accepted - trusted
+            stats.trusted += trusted
             stats.draft_s += proposal.seconds
             stats.verify_s += verdict.seconds
             stats.engine_s += verdict.engine_seconds or 0.0
-            stats.ks.append(len(proposal.tokens))
+            stats.ks.append(len(proposed))
             if verdict.gaps:
                 stats.gaps.extend(verdict.gaps)
-            if proposal.tokens:
-                draft_length.observe_round(len(proposal.tokens), verdict.accepted,
+            if len(proposed) > trusted:
+                draft_length.observe_round(len(proposed) - trusted, verdict.accepted - trusted,
                                            None if from_ahead else proposal.seconds,
                                            verdict.seconds, prefill=stats.rounds == 1)
             released = emitter.feed(new)

@@ -26,6 +26,7 @@ class SpecTotals:
     verify_s: float = 0.0
     engine_s: float = 0.0
     draft_failures: int = 0
+    trusted: int = 0  # approximate consensus: tokens emitted without the target's check
     ahead_hits: int = 0  # rounds whose proposal was drafted while the previous one verified
     round_buckets: list[int] = field(default_factory=lambda: [0] * 9)  # cumulative, per request
     round_sum: float = 0.0
@@ -40,6 +41,7 @@ class SpecTotals:
         self.verify_s += s.verify_s
         self.engine_s += s.engine_s
         self.draft_failures += s.draft_failures
+        self.trusted += s.trusted
         self.ahead_hits += s.ahead_hits
         if s.rounds:
             tpr = s.emitted / s.rounds
@@ -59,6 +61,7 @@ class SpecTotals:
                        "engine": round(self.engine_s, 4),
                        "network": round(max(self.verify_s - self.engine_s, 0.0), 4) if self.engine_s else None},
             "draft_failures": self.draft_failures,
+            "trusted": self.trusted,
             "ahead_hits": self.ahead_hits,
             "round_histogram": {"buckets": [["+Inf" if b == float("inf") else str(b), c]
                                              for b, c in zip(BUCKETS, self.round_buckets)],
