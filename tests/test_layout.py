@@ -61,6 +61,7 @@ ALLOWED = {
     ("bench/run.py", "emulated"),  # --link-delay sets the links of a pool's emulated workers
     ("config/schema.py", "tcp"),  # the transport a cluster worker gets when it names none
     ("config/schema.py", "memory-proportional"),  # the placement a cluster gets by default
+    ("moe/plan.py", "gate"),  # a MoE projection's name (ffn_gate_exps), not the gate mode
 }
 
 
