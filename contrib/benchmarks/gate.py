@@ -142,7 +142,8 @@ def main() -> None:
     print(f"target time: alone {res['target_alone_s']:.2f} s, behind the gate {res['gate_target_s']:.2f} s "
           f"-> saved {res['target_time_saved_s']:.2f} s"
           + (f" ({res['target_time_saved_share']:.0%})" if res["target_time_saved_share"] is not None else ""))
-    print(f"gate's own estimate of target time saved: {res['gate_estimate_saved_s']:.2f} s; "
+    est = res["gate_estimate_saved_s"]
+    print(f"gate's own estimate of target time saved: {'-' if est is None else f'{est:.2f}'} s; "
           f"gate wall time {res['gate_wall_s']:.2f} s; answers identical to the target's: "
           f"{res['same_text_as_alone']}/{res['prompts']}")
     if args.out:

@@ -273,8 +273,7 @@ class GateMode:
             served.verdict = verdict
             setattr(self.totals, verdict, getattr(self.totals, verdict) + 1)
             self.totals.review_s += review.seconds
-            self.totals.target_time_saved_s += self.totals.saved(
-                len(kept), review.seconds, len(prompt) + len(draft.tokens))
+            self.totals.reviewed_kept += len(kept)
         self.totals.draft_tokens_kept += len(kept)
         if out:
             yield Delta(text=out)
@@ -386,14 +385,11 @@ class GateMode:
                 usage = draft.usage or Usage(0, 0)
                 if review is not None:
                     self.totals.draft_tokens_kept += usage.completion_tokens
-                    self.totals.target_time_saved_s += self.totals.saved(
-                        usage.completion_tokens, review.seconds, usage.total_tokens)
+                    self.totals.reviewed_kept += usage.completion_tokens
                 if draft.text:
                     yield Delta(text=draft.text)
                 yield Delta(finish_reason="stop" if draft.finished else "length", usage=usage)
                 return
-            if review is not None:
-                self.totals.target_time_saved_s -= review.seconds
         served.verdict = verdict
         t0 = time.perf_counter()
         first: float | None = None  # timed from the first text, as in _continue

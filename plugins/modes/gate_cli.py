@@ -98,7 +98,8 @@ def _print(url: str, g: dict[str, Any]) -> None:
         ("cached / relayed / fresh, no draft", f"{g['cached']} / {g['relayed']} / {g['fresh_no_draft']}"),
         ("draft tokens kept / written", f"{g['draft_tokens_kept']} / {g['draft_tokens_written']}"),
         ("target tokens generated", str(g["target_tokens_generated"])),
-        ("target time saved s", f"{g['target_time_saved_s']:.2f}"),
+        ("target time saved s", "not known yet (the target has not generated)"
+         if g.get("target_time_saved_s") is None else f"{g['target_time_saved_s']:.2f}"),
         ("review s", f"{g['review_s']:.2f}"),
     ):
         t.add_row(label, value)

@@ -80,7 +80,7 @@ class GateTotals:
     draft_tokens_kept: int = 0
     draft_tokens_written: int = 0
     target_tokens_generated: int = 0
-    target_time_saved_s: float = 0.0
+    reviewed_kept: int = 0  # draft tokens served after a review (what the target did not generate)
     review_s: float = 0.0
     target_gen_s: float = 0.0
     s_per_token: float | None = None  # moving average of the target's own generation speed
@@ -96,14 +96,14 @@ class GateTotals:
         rate = seconds / tokens
         self.s_per_token = rate if self.s_per_token is None else (1 - EMA) * self.s_per_token + EMA * rate
 
-    def saved(self, kept: int, review_s: float, review_tokens: int) -> float:
-        """Target time saved by ``kept`` draft tokens, less the review's time.
-        Before any generation of its own, the target's speed is guessed from
-        the review (which overstates it: scoring is prefill, not decoding)."""
-        rate = self.s_per_token
-        if rate is None:
-            rate = review_s / review_tokens if review_tokens else 0.0
-        return kept * rate - review_s
+    def saved(self) -> float | None:
+        """Target time saved: the reviewed draft tokens served, times the
+        target's current seconds per generated token, less every review's
+        time. None until the target has generated on its own (its decoding
+        speed is not known before: scoring a draft runs at prefill speed)."""
+        if self.s_per_token is None:
+            return None
+        return self.reviewed_kept * self.s_per_token - self.review_s
 
     def reviewed(self) -> int:
         return self.approved + self.corrected + self.rejected
@@ -118,7 +118,7 @@ class GateTotals:
                 "rates": rates, "draft_tokens_written": self.draft_tokens_written,
                 "draft_tokens_kept": self.draft_tokens_kept,
                 "target_tokens_generated": self.target_tokens_generated,
-                "target_time_saved_s": round(self.target_time_saved_s, 4),
+                "target_time_saved_s": None if (saved := self.saved()) is None else round(saved, 4),
                 "review_s": round(self.review_s, 4), "target_generation_s": round(self.target_gen_s, 4),
                 "target_s_per_token": self.s_per_token, "last": dict(self.last)}
 
