@@ -17,8 +17,6 @@ MAX_ENTRY_CHARS = 64 * 1024
 #: Characters of text all cached answers hold together, at most: the entry
 #: count alone would let a cache of long answers grow to entries x 64 Ki.
 CACHE_CHARS = 16 * 1024 * 1024
-#: Weight of the newest measurement in the target's seconds-per-token average.
-EMA = 0.3
 
 
 def cache_key(req: GenRequest) -> bytes | None:
@@ -83,18 +81,23 @@ class GateTotals:
     reviewed_kept: int = 0  # draft tokens served after a review (what the target did not generate)
     review_s: float = 0.0
     target_gen_s: float = 0.0
-    s_per_token: float | None = None  # moving average of the target's own generation speed
+    s_per_token: float | None = None  # the target's own decoding: seconds per token over all its generations
+    decode_tokens: int = 0  # tokens after the first of the target's own generations
+    decode_s: float = 0.0  # ...and the seconds they took
     last: dict[str, Any] = field(default_factory=dict)  # the last request's verdict and figures
 
     def observe_target(self, tokens: int, seconds: float) -> None:
         """A generation of the target's own: ``tokens`` after the first, in the
         ``seconds`` from the first token to the last (the first token's time is
-        prompt processing, not decoding, so it is left out)."""
+        prompt processing, not decoding, so it is left out). The speed is the
+        ratio of the sums, so a short continuation slowed by other requests
+        weighs only as much as its few tokens."""
         self.target_gen_s += seconds
         if tokens <= 0:
             return
-        rate = seconds / tokens
-        self.s_per_token = rate if self.s_per_token is None else (1 - EMA) * self.s_per_token + EMA * rate
+        self.decode_tokens += tokens
+        self.decode_s += seconds
+        self.s_per_token = self.decode_s / self.decode_tokens
 
     def saved(self) -> float | None:
         """Target time saved: the reviewed draft tokens served, times the
