@@ -7,7 +7,6 @@ tokens."""
 from __future__ import annotations
 
 import math
-
 import random
 from functools import partial
 from pathlib import Path
