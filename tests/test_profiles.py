@@ -206,3 +206,24 @@ def test_config_check_catches_what_the_pool_would_refuse(tmp_path: Path, cluster
     assert r.returncode == 2 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
     line = r.stderr.strip()
     assert line.count("\n") == 0 and says in line and "profiles.p" in line, line
+
+
+@pytest.mark.parametrize("mode, wanted", [("gate", "[[drafters]]"), ("consensus", "[draft]"),
+                                          ("speculative", "[draft]")])
+def test_config_check_names_the_backend_tables_a_mode_needs(tmp_path: Path, mode: str,
+                                                            wanted: str) -> None:
+    """A mode whose drafters (or draft) are missing is refused by `config check`
+    with the table to add, as `tightwad run` would refuse it."""
+    (tmp_path / "tightwad.toml").write_text(f'[profiles.p]\nmode = "{mode}"\n' + GOOD_TARGET)
+    r = _cli("config", "check", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = r.stderr.strip()
+    assert line.count("\n") == 0 and wanted in line and f"mode {mode!r}" in line, line
+    fleet = '[[profiles.p.drafters]]\nbackend = "llama-sever"\nurl = "http://127.0.0.1:8081"\n'
+    (tmp_path / "tightwad.toml").write_text(f'[profiles.p]\nmode = "{mode}"\n' + GOOD_TARGET + fleet)
+    r = _cli("config", "check", cwd=tmp_path)
+    assert r.returncode == 2 and "field 'drafters[0].backend'" in r.stderr, r.stderr
+    (tmp_path / "tightwad.toml").write_text(
+        f'[profiles.p]\nmode = "{mode}"\n' + GOOD_TARGET + fleet.replace("sever", "server"))
+    r = _cli("config", "check", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr

@@ -48,6 +48,7 @@ def config_check(config: Path | None, profile: str | None, no_files: bool, as_js
 
     Exits 2 with one line naming the file, profile and field on the first error.
     """
+    from tightwad_core.http.server import role_tables
     from tightwad_core.plugins import load_registry
 
     path = _config_path(config)
@@ -59,6 +60,10 @@ def config_check(config: Path | None, profile: str | None, no_files: bool, as_js
         for name in names:
             _, prof = load_profile(path, name, check_files=not no_files)
             check_names(path, name, prof, known)
+            try:  # the backend tables the mode needs (a fleet, a draft)
+                role_tables(name, prof, tuple(reg.mode(prof.mode).roles))
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
             if prof.cluster is not None:
                 _check_cluster(path, name, prof.cluster, reg, check_files=not no_files)
             results.append({"profile": name, "mode": prof.mode, "description": prof.description})

@@ -42,11 +42,12 @@ class Running:
     shutdown: trio.Event  # set it to stop the proxy gracefully
 
 
-def build_backends(profile_name: str, profile: Profile, registry: Registry, config_dir: Path,
-                   run_dir: Path, roles: tuple[str, ...], pool: RpcPool | None = None,
-                   ) -> dict[str, Backend]:
-    backends: dict[str, Backend] = {}
-    wanted: list[tuple[str, BackendConfig | None]] = []
+def role_tables(profile_name: str, profile: Profile, roles: tuple[str, ...],
+                ) -> list[tuple[str, BackendConfig]]:
+    """The backend tables a mode with ``roles`` needs from ``profile``, by
+    role name (a fleet as ``drafters.0``, ...); ConfigError naming the table
+    that is missing."""
+    wanted: list[tuple[str, BackendConfig]] = []
     for role in roles:
         if role == FLEET:
             if not profile.drafters:
@@ -55,13 +56,21 @@ def build_backends(profile_name: str, profile: Profile, registry: Registry, conf
                 raise ConfigError(f"profile {profile_name!r}: mode {profile.mode!r} needs "
                                   "[[drafters]] tables")
             wanted += [(f"{FLEET}.{i}", cfg) for i, cfg in enumerate(profile.drafters)]
-        elif role == "draft" and FLEET in roles and profile.draft is None and profile.drafters:
+            continue
+        if role == "draft" and FLEET in roles and profile.draft is None and profile.drafters:
             continue  # a fleet stands in for the single draft
-        else:
-            wanted.append((role, getattr(profile, role, None)))
-    for role, cfg in wanted:
+        cfg = getattr(profile, role, None)
         if cfg is None:
             raise ConfigError(f"profile {profile_name!r}: mode {profile.mode!r} needs a [{role}] table")
+        wanted.append((role, cfg))
+    return wanted
+
+
+def build_backends(profile_name: str, profile: Profile, registry: Registry, config_dir: Path,
+                   run_dir: Path, roles: tuple[str, ...], pool: RpcPool | None = None,
+                   ) -> dict[str, Backend]:
+    backends: dict[str, Backend] = {}
+    for role, cfg in role_tables(profile_name, profile, roles):
         try:
             factory = registry.backend(cfg.backend)
         except KeyError as exc:
