@@ -208,8 +208,9 @@ def test_config_check_catches_what_the_pool_would_refuse(tmp_path: Path, cluster
     assert line.count("\n") == 0 and says in line and "profiles.p" in line, line
 
 
-@pytest.mark.parametrize("mode, wanted", [("gate", "[[drafters]]"), ("consensus", "[draft]"),
-                                          ("speculative", "[draft]")])
+@pytest.mark.parametrize("mode, wanted", [("gate", "needs [[drafters]] tables"),
+                                          ("consensus", "needs a [draft] table or [[drafters]]"),
+                                          ("speculative", "needs a [draft] table or [[drafters]]")])
 def test_config_check_names_the_backend_tables_a_mode_needs(tmp_path: Path, mode: str,
                                                             wanted: str) -> None:
     """A mode whose drafters (or draft) are missing is refused by `config check`

@@ -57,8 +57,11 @@ def role_tables(profile_name: str, profile: Profile, roles: tuple[str, ...],
                                   "[[drafters]] tables")
             wanted += [(f"{FLEET}.{i}", cfg) for i, cfg in enumerate(profile.drafters)]
             continue
-        if role == "draft" and FLEET in roles and profile.draft is None and profile.drafters:
-            continue  # a fleet stands in for the single draft
+        if role == "draft" and FLEET in roles and profile.draft is None:
+            if profile.drafters:
+                continue  # a fleet stands in for the single draft
+            raise ConfigError(f"profile {profile_name!r}: mode {profile.mode!r} needs a [draft] "
+                              "table or [[drafters]] tables")
         cfg = getattr(profile, role, None)
         if cfg is None:
             raise ConfigError(f"profile {profile_name!r}: mode {profile.mode!r} needs a [{role}] table")
