@@ -51,20 +51,9 @@ def gate_status(url: str, api_key: str | None, as_json: bool) -> None:
 
     Exits 1 when nothing answers or the proxy is not in gate mode.
     """
-    import httpx
+    from tightwad_core.cli.run import fetch_status
 
-    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        resp = httpx.get(url.rstrip("/") + "/v1/tightwad/status", headers=headers, timeout=10)
-        data = resp.json()
-    except (httpx.HTTPError, ValueError) as exc:
-        _fail(f"no proxy answering at {url}: {exc}", 1)
-        return
-    if not isinstance(data, dict):
-        _fail(f"{url} answered {resp.status_code} with JSON that is not a status object", 1)
-        return
-    if resp.status_code != 200:
-        _fail(f"{url} answered {resp.status_code}: {data.get('error', data)}", 1)
+    data = fetch_status(url, api_key)
     gate = (data.get("mode_status") or {}).get("gate")
     if not isinstance(gate, dict):
         _fail(f"{url} is not in gate mode (mode {data.get('mode')!r})", 1)

@@ -87,6 +87,18 @@ def proxy_status(url: str, api_key: str | None, as_json: bool) -> None:
 
     Exits 1 when the proxy cannot be reached or a backend is down.
     """
+    data = fetch_status(url, api_key)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        _print_status(url, data)
+    if not all(b.get("ok") for b in (data.get("backends") or {}).values()):
+        sys.exit(1)
+
+
+def fetch_status(url: str, api_key: str | None) -> dict[str, Any]:
+    """A running proxy's ``/v1/tightwad/status``; exits 1 with one line when
+    nothing answers, the answer is not a status object, or it is not a 200."""
     import httpx
 
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
@@ -95,15 +107,11 @@ def proxy_status(url: str, api_key: str | None, as_json: bool) -> None:
         data = resp.json()
     except (httpx.HTTPError, ValueError) as exc:
         _fail(f"no proxy answering at {url}: {exc}", 1)
-        return
+    if not isinstance(data, dict):
+        _fail(f"{url} answered {resp.status_code} with JSON that is not a status object", 1)
     if resp.status_code != 200:
         _fail(f"{url} answered {resp.status_code}: {data.get('error', data)}", 1)
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-    else:
-        _print_status(url, data)
-    if not all(b.get("ok") for b in (data.get("backends") or {}).values()):
-        sys.exit(1)
+    return data
 
 
 def _print_status(url: str, data: dict[str, Any]) -> None:
