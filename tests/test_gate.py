@@ -219,7 +219,7 @@ async def test_near_draft_corrected(nursery, tmp_path, models):  # type: ignore[
             if last["verdict"] != "corrected":
                 continue
             seen += 1
-            ids = await mode._prompt(_req(prompt))
+            ids = await mode.text.prompt_ids(_req(prompt))
             own = (await raw.post(drafter.base_url + "/completion", json={
                 "prompt": ids, "n_predict": 40, "temperature": 0, "return_tokens": True})).json()["tokens"]
             prefix = b"".join(mode.text.piece(t) for t in own[: last["kept"]]).decode("utf-8", "replace")

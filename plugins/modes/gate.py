@@ -36,7 +36,7 @@ from tightwad_core.vocab import same_vocab
 from tightwad_plugins.modes.gate_fleet import Draft, Fleet, Member
 from tightwad_plugins.modes.gate_review import Review, judge_draft, score_draft
 from tightwad_plugins.modes.gate_stats import AnswerCache, GateTotals, cache_key, families
-from tightwad_plugins.modes.target_text import TargetTokenizer, vocab_of
+from tightwad_plugins.modes.target_text import TargetTokenizer, sampling_of, vocab_of
 
 if TYPE_CHECKING:
     import click
@@ -130,23 +130,6 @@ class GateMode:
         if self.cfg.review == "judge" or req.tools:
             self.target.check(req)
 
-    @staticmethod
-    def _sampling(req: GenRequest) -> SamplingParams:
-        return SamplingParams(temperature=1.0 if req.temperature is None else req.temperature,
-                              top_p=1.0 if req.top_p is None else req.top_p,
-                              top_k=req.top_k or 0, seed=req.seed)
-
-    async def _prompt(self, req: GenRequest) -> list[int]:
-        assert self.text is not None
-        if req.kind == "chat":  # the target's own template: drafts are written from the same ids
-            templated = await self.text.apply_template(req.messages or [], req.tools)
-            return await self.text.tokenize(templated, special=True)
-        if isinstance(req.prompt, list):
-            if any(not 0 <= t < self.text.vocab.n_vocab for t in req.prompt):
-                raise BadRequest("prompt has token ids outside the vocabulary", param="prompt")
-            return list(req.prompt)
-        return await self.text.tokenize(req.prompt or "", special=True)
-
     def _relay(self, req: GenRequest) -> bool:
         """Tool requests go to the target as they are: a drafted tool call is
         neither text the review can score nor an answer the cache may keep."""
@@ -234,8 +217,8 @@ class GateMode:
     async def _scores(self, req: GenRequest, served: _Served) -> AsyncGenerator[Delta, None]:
         assert self.text is not None
         text = self.text
-        prompt = await self._prompt(req)
-        s = self._sampling(req)
+        prompt = await text.prompt_ids(req)
+        s = sampling_of(req)
         draft = await self._draft(req, prompt, s)
         if draft is not None and req.stop:
             draft = self._trim(draft, req)
@@ -355,7 +338,7 @@ class GateMode:
             self.totals.target_gen_s += time.perf_counter() - t0
 
     async def _judge(self, req: GenRequest, served: _Served) -> AsyncGenerator[Delta, None]:
-        s = self._sampling(req)
+        s = sampling_of(req)
         draft = await self._draft(req, None, s)
         verdict = "fresh_no_draft"
         review: Review | None = None

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import msgspec
 
 from tightwad_core.config.profiles import ConfigError, Profile
-from tightwad_core.errors import BadRequest, UnsupportedParam
+from tightwad_core.errors import UnsupportedParam
 from tightwad_core.hookspecs import hookimpl
 from tightwad_core.records import Delta, GenRequest, Result
 from tightwad_core.roles import (
@@ -29,12 +29,12 @@ from tightwad_core.roles import (
 )
 from tightwad_core.spec.consensus import ConsensusDrafter, ConsensusRequest, metrics, snapshot
 from tightwad_core.spec.draftlen import DraftLength
-from tightwad_core.spec.interfaces import Drafter, SamplingParams, Verifier
+from tightwad_core.spec.interfaces import Drafter, Verifier
 from tightwad_core.spec.loop import DraftGuard, RequestStats, speculate
 from tightwad_core.spec.stats import SpecTotals
 from tightwad_core.vocab import same_vocab
 from tightwad_plugins.modes.drafters import LlamaServerDrafter, TextDrafter, WorkerDrafter
-from tightwad_plugins.modes.target_text import TargetTokenizer, vocab_of
+from tightwad_plugins.modes.target_text import TargetTokenizer, sampling_of, vocab_of
 
 log = logging.getLogger("tightwad.spec")
 
@@ -157,22 +157,6 @@ class SpeculativeMode:
         if req.kind == "completion" and isinstance(req.prompt, list) and self.relay_only:
             raise UnsupportedParam("token-id prompts need a token-level target", param="prompt")
 
-    def _sampling(self, req: GenRequest) -> SamplingParams:
-        return SamplingParams(temperature=1.0 if req.temperature is None else req.temperature,
-                              top_p=1.0 if req.top_p is None else req.top_p,
-                              top_k=req.top_k or 0, seed=req.seed)
-
-    async def _prompt(self, req: GenRequest) -> list[int]:
-        assert self.text is not None
-        if req.kind == "chat":  # the target's own template, tools section included
-            templated = await self.text.apply_template(req.messages or [], req.tools)
-            return await self.text.tokenize(templated, special=True)
-        if isinstance(req.prompt, list):
-            if any(t >= self.text.vocab.n_vocab for t in req.prompt):
-                raise BadRequest("prompt has token ids outside the vocabulary", param="prompt")
-            return list(req.prompt)
-        return await self.text.tokenize(req.prompt or "", special=True)
-
     async def generate(self, req: GenRequest) -> Result:
         parts: list[str] = []
         async with aclosing(self.stream(req)) as it:
@@ -186,7 +170,7 @@ class SpeculativeMode:
     def _can_accept(self, req: GenRequest) -> bool:
         """Whether this rung can accept any draft token under the request's sampler."""
         accepts = getattr(self.verifier, "accepts", None)
-        return accepts is None or bool(accepts(self._sampling(req)))
+        return accepts is None or bool(accepts(sampling_of(req)))
 
     async def stream(self, req: GenRequest) -> AsyncGenerator[Delta, None]:
         if not self.relay_only and not self._can_accept(req):
@@ -207,11 +191,11 @@ class SpeculativeMode:
         if self.consensus is not None:
             drafter = view = self.consensus.request()
         try:
-            prompt = await self._prompt(req)
             assert self.text is not None and self.verifier is not None and drafter is not None
+            prompt = await self.text.prompt_ids(req)
             async with aclosing(speculate(
                     prompt, verifier=self.verifier, drafter=drafter, text=self.text,
-                    sampling=self._sampling(req), max_tokens=req.max_tokens, stop=req.stop,
+                    sampling=sampling_of(req), max_tokens=req.max_tokens, stop=req.stop,
                     draft_length=self.draft_length, guard=self.guard, stats=stats,
                     overlap=self.profile.speculation.overlap_draft and view is None)) as it:
                 async for d in it:
@@ -232,7 +216,7 @@ class SpeculativeMode:
         t0 = time.perf_counter()
         parts: list[str] = []
         self.totals.relayed += 1
-        s = self._sampling(req)
+        s = sampling_of(req)
         # the same defaults as the speculative path (OpenAI's temperature 1), not the server's
         # and the sampler a verifier checks against, without a server's extra default samplers
         req = msgspec.structs.replace(req, temperature=s.temperature, top_p=s.top_p, exact_sampler=True)

@@ -8,7 +8,10 @@ import logging
 from typing import Any
 
 from tightwad_core.config.profiles import ConfigError
+from tightwad_core.errors import BadRequest
+from tightwad_core.records import GenRequest
 from tightwad_core.roles import Backend, TokenBackend
+from tightwad_core.spec.interfaces import SamplingParams
 from tightwad_core.vocab import Vocab
 
 log = logging.getLogger("tightwad.spec")
@@ -19,6 +22,14 @@ PROBE = "def main():\n    print('héllo, 世界')  # 123"
 async def vocab_of(backend: Backend) -> Vocab | None:
     """The vocabulary of a backend that can tell (None for text-only backends)."""
     return await backend.vocab() if isinstance(backend, TokenBackend) else None
+
+
+def sampling_of(req: GenRequest) -> SamplingParams:
+    """The request's sampler with OpenAI's defaults (temperature 1, top_p 1),
+    the settings a drafter and the target's check both use."""
+    return SamplingParams(temperature=1.0 if req.temperature is None else req.temperature,
+                          top_p=1.0 if req.top_p is None else req.top_p,
+                          top_k=req.top_k or 0, seed=req.seed)
 
 
 class TargetTokenizer:
@@ -58,6 +69,19 @@ class TargetTokenizer:
     async def apply_template(self, messages: list[dict[str, Any]],
                              tools: list[dict[str, Any]] | None = None) -> str:
         return str(await self.backend.apply_template(messages, tools))
+
+    async def prompt_ids(self, req: GenRequest) -> list[int]:
+        """The request's prompt as the target's token ids: a chat through the
+        target's own template (tools section included), a text tokenized, a
+        token-id prompt checked against the vocabulary."""
+        if req.kind == "chat":
+            templated = await self.apply_template(req.messages or [], req.tools)
+            return await self.tokenize(templated, special=True)
+        if isinstance(req.prompt, list):
+            if any(not 0 <= t < self.vocab.n_vocab for t in req.prompt):
+                raise BadRequest("prompt has token ids outside the vocabulary", param="prompt")
+            return list(req.prompt)
+        return await self.tokenize(req.prompt or "", special=True)
 
     def piece(self, token: int) -> bytes:
         return self.vocab.piece(token)

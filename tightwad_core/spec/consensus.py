@@ -191,10 +191,6 @@ class ConsensusDrafter:
     def tree(self) -> bool:
         return bool(self._tree() if callable(self._tree) else self._tree)
 
-    @tree.setter
-    def tree(self, value: bool | Callable[[], bool]) -> None:
-        self._tree = value
-
     def request(self) -> ConsensusRequest:
         return ConsensusRequest(self)
 
